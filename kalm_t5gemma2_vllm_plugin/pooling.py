@@ -1,0 +1,45 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Matryoshka chunk pooling (MEP) of encoder states, shared by every score path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mep_pool", "pooled_length"]
+
+
+def pooled_length(num_tokens: int, chunk_size: int | None) -> int:
+    """Pooled states of a passage of ``num_tokens`` valid tokens: ``ceil(L / N)``."""
+    return num_tokens if chunk_size is None else math.ceil(num_tokens / chunk_size)
+
+
+def mep_pool(
+    hidden: torch.Tensor, mask: torch.Tensor, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean over chunks of ``chunk_size`` positions.
+
+    Args:
+        hidden: ``[B, L, d]`` encoder states after the final norm.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding (right padding).
+        chunk_size: pooling factor N, or ``None`` for no pooling.
+
+    Returns:
+        ``pooled [B, ceil(L/N), d]`` in ``hidden``'s dtype and ``pooled_mask
+        [B, ceil(L/N)]`` (mask's dtype): a chunk is valid if it holds a real
+        token; the last partial chunk averages only its real tokens; an
+        all-padding chunk is zero.
+    """
+    if chunk_size is None:
+        return hidden, mask
+    batch, length, dim = hidden.shape
+    chunks = math.ceil(length / chunk_size)
+    pad = chunks * chunk_size - length
+    # Sum in float32 so bf16 states are averaged without extra rounding.
+    h = F.pad(hidden.float(), (0, 0, 0, pad)).view(batch, chunks, chunk_size, dim)
+    m = F.pad(mask.float(), (0, pad)).view(batch, chunks, chunk_size)
+    counts = m.sum(-1)  # [B, C]
+    pooled = (h * m.unsqueeze(-1)).sum(2) / counts.clamp(min=1).unsqueeze(-1)
+    return pooled.to(hidden.dtype), (counts > 0).to(mask.dtype)

@@ -1,0 +1,241 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``"passage"`` modality: how a document reaches vLLM's encoder step.
+
+Each request carries one passage. ``apply()`` turns it into encoder ids (or
+accepts precomputed pooled states), prepends ``C = ceil(L / N)`` placeholder
+ids to the decoder prompt, and keys vLLM's encoder cache by a hash of the
+final encoder ids, so a passage recurring across queries and requests is
+encoded once, whichever form (text or ids) it arrived in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from vllm.inputs import mm_input
+from vllm.multimodal.inputs import (
+    MultiModalFieldConfig,
+    MultiModalKwargsItems,
+    PlaceholderRange,
+)
+from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+)
+
+from .constants import (
+    BOS_TOKEN_ID,
+    PASSAGE_MODALITY,
+    PLACEHOLDER_TOKEN_ID,
+    TEMPLATE_VERSION,
+)
+from .pooling import pooled_length
+from .prompting import decoder_prompt_ids, encode_document, unpack_score_text
+from .settings import EngineSettings
+
+__all__ = [
+    "KaLMPassageDummyInputsBuilder",
+    "KaLMPassageProcessingInfo",
+    "KaLMPassageProcessor",
+]
+
+IDS_FIELD = "passage_ids"
+STATES_FIELD = "passage_states"
+#: Item key of a score-API prompt moved here by ``post_process_tokens``.
+SCORE_IDS_KEY = "score_ids"
+
+
+def _is_one_item(data: object) -> bool:
+    if isinstance(data, (str, Mapping)):
+        return True
+    return isinstance(data, Sequence) and bool(data) and isinstance(data[0], int)
+
+
+class PassageItems(ProcessorBatchItems[Any]):
+    """Passages as given: text, encoder ids, or a dict (score ids / pooled states)."""
+
+    def __init__(self, data: object) -> None:
+        items = [data] if _is_one_item(data) else list(data)  # type: ignore[call-overload]
+        super().__init__(items, PASSAGE_MODALITY)
+
+
+class PassageDataParser(MultiModalDataParser):
+    def _get_subparsers(self) -> Mapping[str, Any]:
+        return {PASSAGE_MODALITY: PassageItems}
+
+
+class KaLMPassageProcessingInfo(BaseProcessingInfo):
+    @cached_property
+    def settings(self) -> EngineSettings:
+        return EngineSettings.from_hf_config(self.get_hf_config())
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return PassageDataParser()
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {PASSAGE_MODALITY: 1}
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        # The default builds the checkpoint's HF (Gemma 3 image) processor.
+        return {}
+
+    def get_mm_max_tokens_per_item(
+        self, seq_len: int, mm_counts: Mapping[str, int]
+    ) -> Mapping[str, int]:
+        settings = self.settings
+        return {
+            PASSAGE_MODALITY: pooled_length(
+                settings.document_max_length, settings.pool_factor
+            )
+        }
+
+    def hidden_size(self) -> int:
+        return int(self.get_hf_config().decoder.hidden_size)
+
+
+class KaLMPassageDummyInputsBuilder(BaseDummyInputsBuilder[KaLMPassageProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return ""
+
+    def get_dummy_mm_data(
+        self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None
+    ) -> Mapping[str, Any]:
+        if not mm_counts.get(PASSAGE_MODALITY, 0):
+            return {}
+        settings = self.info.settings
+        if settings.decoder_only:
+            rows = pooled_length(settings.document_max_length, settings.pool_factor)
+            states = torch.zeros(rows, self.info.hidden_size())
+            return {PASSAGE_MODALITY: {STATES_FIELD: states}}
+        # A maximum-length passage, as encoder ids.
+        return {PASSAGE_MODALITY: [BOS_TOKEN_ID] * settings.document_max_length}
+
+
+class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
+    def _get_mm_fields_config(
+        self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            IDS_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+            STATES_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+        }
+
+    def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> Sequence[Any]:
+        return []
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        settings = self.info.settings
+        item = inputs.mm_data_items.get_items(PASSAGE_MODALITY, PassageItems).get(0)
+        decoder_ids = list(inputs.prompt)
+
+        if isinstance(item, Mapping) and SCORE_IDS_KEY in item:
+            decoder_ids, item = self._unpack_score_prompt(item[SCORE_IDS_KEY])
+        if isinstance(item, Mapping) and STATES_FIELD in item:
+            field, data = STATES_FIELD, self._check_states(item[STATES_FIELD])
+            num_rows = data.shape[0]
+            key = _hash_bytes(b"states", data.view(torch.uint8).numpy().tobytes())
+        else:
+            ids = self._encoder_ids(item)
+            field, data = IDS_FIELD, torch.tensor(ids, dtype=torch.long)
+            num_rows = pooled_length(len(ids), settings.pool_factor)
+            key = _hash_bytes(
+                b"ids",
+                str(settings.pool_factor).encode(),
+                torch.tensor(ids, dtype=torch.int32).numpy().tobytes(),
+            )
+
+        # Profiling dummies come with an empty decoder prompt.
+        decoder_ids = decoder_ids or [BOS_TOKEN_ID]
+        if decoder_ids[0] == PLACEHOLDER_TOKEN_ID:
+            raise ValueError(
+                f"The decoder prompt must not start with token id "
+                f"{PLACEHOLDER_TOKEN_ID} (the passage placeholder); KaLM prompts "
+                f"start with <bos>."
+            )
+        mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
+            BatchFeature({field: data[None]}),
+            {field: MultiModalFieldConfig.batched(PASSAGE_MODALITY)},
+        )
+        model_key = f"{self.info.model_id}|{TEMPLATE_VERSION}".encode()
+        return mm_input(
+            prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * num_rows + decoder_ids,
+            mm_kwargs=mm_kwargs,
+            mm_hashes={PASSAGE_MODALITY: [_hash_bytes(model_key, key.encode())]},
+            mm_placeholders={
+                PASSAGE_MODALITY: [PlaceholderRange(offset=0, length=num_rows)]
+            },
+        )
+
+    def _encoder_ids(self, item: object) -> list[int]:
+        settings = self.info.settings
+        if settings.decoder_only:
+            raise ValueError(
+                "This engine runs in decoder-only mode and accepts only passages "
+                "from a passage store; it cannot encode text."
+            )
+        if isinstance(item, str):
+            ids = encode_document(
+                self.info.get_tokenizer(), item, settings.document_max_length
+            ).ids
+        elif isinstance(item, Sequence) and all(isinstance(i, int) for i in item):
+            ids = list(item)[: settings.document_max_length]
+        else:
+            raise ValueError(
+                "A passage must be a str (the document), a list of encoder token "
+                f"ids, or precomputed states; got {type(item).__name__}."
+            )
+        if not ids:
+            raise ValueError("A passage must have at least one encoder token.")
+        return ids
+
+    def _unpack_score_prompt(self, packed_ids: Sequence[int]) -> tuple[list[int], str]:
+        """Rebuild the KaLM prompt from a score-API prompt (see ``model.py``)."""
+        tokenizer = self.info.get_tokenizer()
+        settings = self.info.settings
+        text = tokenizer.decode(
+            list(packed_ids),
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        query, instruction, document = unpack_score_text(text)
+        kwargs = {"instruction": instruction} if instruction else {}
+        decoder_ids = decoder_prompt_ids(
+            tokenizer, query, query_max_length=settings.query_max_length, **kwargs
+        )
+        return decoder_ids, document
+
+    def _check_states(self, states: object) -> torch.Tensor:
+        settings = self.info.settings
+        if not settings.allow_passage_states:
+            raise ValueError(
+                "Precomputed passage states are accepted only by an engine started "
+                "for a passage store (allow_passage_states)."
+            )
+        hidden = self.info.hidden_size()
+        if (
+            not isinstance(states, torch.Tensor)
+            or states.dim() != 2
+            or states.shape[0] < 1
+            or states.shape[1] != hidden
+        ):
+            raise ValueError(
+                f"Passage states must be a tensor of shape [C >= 1, {hidden}]."
+            )
+        if not states.is_floating_point() or not torch.isfinite(states).all():
+            raise ValueError("Passage states must be finite floating-point values.")
+        return states.contiguous()
+
+
+def _hash_bytes(*parts: bytes) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()

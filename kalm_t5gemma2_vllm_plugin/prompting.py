@@ -1,0 +1,168 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The KaLM prompt: decoder template, query truncation and document truncation.
+
+Pure functions over a tokenizer passed in by the caller, so this module stays
+light (no torch, no transformers). Every score path builds its inputs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .constants import (
+    DECODER_TEMPLATE,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_SYSTEM_INSTRUCTION,
+    DOCUMENT_PREFIX,
+    NO_TOKEN,
+    SCORE_SEPARATOR,
+    YES_TOKEN,
+)
+from .errors import KaLMConfigError, KaLMInputError
+
+__all__ = [
+    "EncodedDocument",
+    "TokenizerLike",
+    "check_yes_no_tokens",
+    "decoder_prompt_ids",
+    "document_text",
+    "encode_document",
+    "format_decoder_prompt",
+    "pack_score_text",
+    "truncate_query",
+    "unpack_score_text",
+]
+
+
+class TokenizerLike(Protocol):
+    """The part of a Hugging Face tokenizer the prompt code needs."""
+
+    def __call__(self, text: str, *, add_special_tokens: bool = ...) -> Any: ...
+
+    def decode(
+        self,
+        token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = ...,
+        clean_up_tokenization_spaces: bool = ...,
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class EncodedDocument:
+    """Encoder input ids of one document (prefix included) and whether it was cut."""
+
+    ids: list[int]
+    truncated: bool
+    #: Tokens of ``"<Document>: " + document`` before truncation.
+    num_tokens: int
+
+
+def _ids(tokenizer: TokenizerLike, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def format_decoder_prompt(
+    query: str,
+    instruction: str = DEFAULT_INSTRUCTION,
+    system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
+) -> str:
+    """The decoder text for an already-truncated query (character-exact)."""
+    return DECODER_TEMPLATE.format(
+        system_instruction=system_instruction, instruction=instruction, query=query
+    )
+
+
+def truncate_query(tokenizer: TokenizerLike, query: str, max_length: int) -> str:
+    """Cut ``query`` to ``max_length`` tokens and decode it back to text.
+
+    KaLM truncates the query alone, at the string level, before the template
+    is filled in; the rest of the decoder prompt is never cut. The round trip
+    runs even for short queries, as in the original implementation, so a
+    tokenizer that normalises text (e.g. a literal "▁") is treated the same way.
+    """
+    ids = _ids(tokenizer, query)
+    return tokenizer.decode(
+        ids[:max_length], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+
+
+def decoder_prompt_ids(
+    tokenizer: TokenizerLike,
+    query: str,
+    *,
+    query_max_length: int,
+    instruction: str = DEFAULT_INSTRUCTION,
+    system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
+) -> list[int]:
+    """Token ids of the decoder prompt; ``<bos>`` comes from the literal text."""
+    text = format_decoder_prompt(
+        truncate_query(tokenizer, query, query_max_length),
+        instruction,
+        system_instruction,
+    )
+    return _ids(tokenizer, text)
+
+
+def document_text(document: str) -> str:
+    """The encoder text: the literal ``"<Document>: "`` prefix, then the document."""
+    return DOCUMENT_PREFIX + document
+
+
+def encode_document(
+    tokenizer: TokenizerLike, document: str, max_length: int
+) -> EncodedDocument:
+    """Encoder ids of ``document``, head kept; the prefix counts toward the limit."""
+    ids = _ids(tokenizer, document_text(document))
+    return EncodedDocument(ids[:max_length], len(ids) > max_length, len(ids))
+
+
+def check_yes_no_tokens(tokenizer: TokenizerLike) -> tuple[int, int]:
+    """Return the ids of ``yes`` and ``no``; refuse a tokenizer that splits either."""
+    found = []
+    for token in (YES_TOKEN, NO_TOKEN):
+        ids = _ids(tokenizer, token)
+        if len(ids) != 1:
+            raise KaLMConfigError(
+                f"The tokenizer encodes {token!r} as {len(ids)} tokens {ids}; KaLM "
+                f"scores need {token!r} to be exactly one token."
+            )
+        found.append(ids[0])
+    return found[0], found[1]
+
+
+def pack_score_text(query: str, document: str, instruction: str = "") -> str:
+    """The text vLLM's score API tokenizes for one pair (``get_score_template``).
+
+    The plugin's processor decodes it back and builds the real KaLM prompt with
+    the functions above, so the score API applies exactly the same template and
+    truncation as every other path. An empty instruction means the default.
+    The Jinja score template shipped with the package emits the same layout.
+    """
+    for name, value in (("query", query), ("instruction", instruction)):
+        if SCORE_SEPARATOR in value:
+            raise KaLMInputError(
+                f"The {name} contains the reserved separator {SCORE_SEPARATOR!r}.",
+                field=name,
+            )
+    sep = SCORE_SEPARATOR
+    return f"{sep}{query}{sep}{instruction}{sep}{document}"
+
+
+def unpack_score_text(text: str) -> tuple[str, str, str]:
+    """Split a decoded score prompt into ``(query, instruction, document)``.
+
+    Anything before the first separator (the tokenizer's ``<bos>``) is dropped;
+    the document comes last, so a separator inside it cannot shift the fields.
+    """
+    parts = text.split(SCORE_SEPARATOR, 3)
+    if len(parts) != 4:
+        raise KaLMInputError(
+            "A score prompt for the KaLM reranker must come from its score "
+            f"template (query, instruction and document separated by "
+            f"{SCORE_SEPARATOR!r}); found {len(parts) - 1} separators."
+        )
+    _, query, instruction, document = parts
+    return query, instruction, document

@@ -1,0 +1,200 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The model card's plain-Transformers KaLM reranker: the fidelity oracle.
+
+Deliberately plain: the whole ``T5Gemma2ForConditionalGeneration`` (vision
+tower included), the full LM head, one batch at a time. Every faster path in
+this package is tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, T5Gemma2ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from .constants import (
+    DECODER_PAD_TO_MULTIPLE_OF,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DOCUMENT_MAX_LENGTH,
+    DEFAULT_ENCODER_CHUNK_SIZE,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_QUERY_MAX_LENGTH,
+    DEFAULT_SYSTEM_INSTRUCTION,
+    MODEL_ID,
+)
+from .errors import KaLMEngineError
+from .hub import resolve_model
+from .pooling import mep_pool
+from .prompting import check_yes_no_tokens, decoder_prompt_ids, encode_document
+from .scores import MarginReranker
+from .validation import check_pairs, check_positive_int, check_str, parse_chunk_size
+
+__all__ = ["KaLMReranker", "parse_dtype"]
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` gives bf16 on CUDA and fp32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower()
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    return _DTYPES[key]
+
+
+class KaLMReranker(MarginReranker):
+    """KaLM-Reranker-V1 on plain Transformers, as on the model card.
+
+    Args:
+        model_name_or_path: Hub id or local checkpoint directory.
+        device: torch device; CUDA when available, else CPU.
+        dtype: bf16 on CUDA, fp32 on CPU by default.
+        batch_size: pairs per forward pass.
+        query_max_length: query tokens kept (the query alone is cut, then decoded).
+        max_length: document tokens kept, the ``"<Document>: "`` prefix included.
+        chunk_size: Matryoshka pooling factor (1, 2, 4, 8, 16, 32) or ``None``.
+        instruction: task instruction placed in the decoder prompt.
+        system_instruction: the fixed system sentence of the prompt.
+        **model_kwargs: passed to ``from_pretrained``.
+
+    Example:
+        >>> reranker = KaLMReranker("KaLM-Embedding/KaLM-Reranker-V1-Nano")
+        >>> reranker.rank("What is the capital of China?",
+        ...               ["The capital of China is Beijing.", "Gravity attracts."])
+        [{'corpus_id': 0, 'score': 0.9998...}, {'corpus_id': 1, 'score': 6.9e-07}]
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = MODEL_ID,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
+        max_length: int = DEFAULT_DOCUMENT_MAX_LENGTH,
+        chunk_size: int | str | None = DEFAULT_ENCODER_CHUNK_SIZE,
+        instruction: str = DEFAULT_INSTRUCTION,
+        system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
+        **model_kwargs: Any,
+    ) -> None:
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.query_max_length = check_positive_int(query_max_length, "query_max_length")
+        self.max_length = check_positive_int(max_length, "max_length")
+        self.chunk_size = parse_chunk_size(chunk_size, "chunk_size")
+        self.instruction = check_str(instruction, "instruction")
+        self.system_instruction = check_str(system_instruction, "system_instruction")
+        self.device = torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.dtype = parse_dtype(dtype, self.device)
+
+        path = resolve_model(model_name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"  # the last-token index below relies on it
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.yes_token_id, self.no_token_id = check_yes_no_tokens(self.tokenizer)
+
+        model = T5Gemma2ForConditionalGeneration.from_pretrained(path, **model_kwargs)
+        for param in model.parameters():  # parameters only; buffers keep their dtype
+            if param.is_floating_point():
+                param.data = param.data.to(self.dtype)
+        self.model = model.to(self.device).eval()
+
+    def margins(
+        self,
+        pairs: Sequence[Sequence[str]],
+        *,
+        instruction: str | None = None,
+        batch_size: int | None = None,
+    ) -> list[float]:
+        """``yes_logit - no_logit`` in float32 for each pair, in input order.
+
+        ``batch_size`` overrides the instance's for this call (also accepted by
+        ``predict`` and ``rank``).
+        """
+        checked = check_pairs(pairs)
+        instruction = (
+            self.instruction
+            if instruction is None
+            else check_str(instruction, "instruction")
+        )
+        batch_size = (
+            self.batch_size
+            if batch_size is None
+            else check_positive_int(batch_size, "batch_size")
+        )
+        # Batch similar lengths together (as the original does), restore order after.
+        order = sorted(range(len(checked)), key=lambda i: -sum(map(len, checked[i])))
+        margins = [0.0] * len(checked)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            values = self._batch_margins([checked[i] for i in batch], instruction)
+            for i, value in zip(batch, values, strict=True):
+                margins[i] = value
+        return margins
+
+    @torch.inference_mode()
+    def _batch_margins(
+        self, pairs: list[tuple[str, str]], instruction: str
+    ) -> list[float]:
+        tok = self.tokenizer
+        encoder_ids = [
+            encode_document(tok, doc, self.max_length).ids for _, doc in pairs
+        ]
+        decoder_ids = [
+            decoder_prompt_ids(
+                tok,
+                query,
+                query_max_length=self.query_max_length,
+                instruction=instruction,
+                system_instruction=self.system_instruction,
+            )
+            for query, _ in pairs
+        ]
+        enc = tok.pad({"input_ids": encoder_ids}, padding=True, return_tensors="pt")
+        dec = tok.pad(
+            {"input_ids": decoder_ids},
+            padding=True,
+            pad_to_multiple_of=DECODER_PAD_TO_MULTIPLE_OF,
+            return_tensors="pt",
+        )
+        enc, dec = enc.to(self.device), dec.to(self.device)
+
+        hidden = self.model.get_encoder()(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+        ).last_hidden_state  # [B, L, d]
+        pooled, pooled_mask = mep_pool(hidden, enc["attention_mask"], self.chunk_size)
+        logits = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=pooled),
+            attention_mask=pooled_mask,
+            decoder_input_ids=dec["input_ids"],
+            decoder_attention_mask=dec["attention_mask"],
+        ).logits  # [B, T, V]
+        last = dec["attention_mask"].sum(1) - 1  # right padding: last real token
+        rows = logits[torch.arange(len(pairs), device=self.device), last]
+        yes_no = rows[:, [self.yes_token_id, self.no_token_id]].float()
+        margins = yes_no[:, 0] - yes_no[:, 1]
+        if not torch.isfinite(yes_no).all():
+            raise KaLMEngineError(
+                f"Non-finite yes/no logits in dtype {self.dtype}; use bfloat16 or "
+                f"float32 (float16 overflows in this model)."
+            )
+        return margins.tolist()

@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Engine-wide KaLM settings, carried to vLLM's processes through ``hf_overrides``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import (
+    ARCHITECTURE,
+    DEFAULT_DOCUMENT_MAX_LENGTH,
+    DEFAULT_ENCODER_CHUNK_SIZE,
+    DEFAULT_QUERY_MAX_LENGTH,
+    OVERRIDE_ALLOW_PASSAGE_STATES,
+    OVERRIDE_CHUNK_SIZE,
+    OVERRIDE_DECODER_ONLY,
+    OVERRIDE_DOCUMENT_MAX_LENGTH,
+    OVERRIDE_QUERY_MAX_LENGTH,
+)
+from .validation import check_positive_int, parse_chunk_size
+
+__all__ = ["EngineSettings"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the plugin model and processor read from the HF config.
+
+    ``chunk_size`` ``None`` means no pooling (the same maths as a factor of 1).
+    """
+
+    chunk_size: int | None = DEFAULT_ENCODER_CHUNK_SIZE
+    document_max_length: int = DEFAULT_DOCUMENT_MAX_LENGTH
+    query_max_length: int = DEFAULT_QUERY_MAX_LENGTH
+    #: Accept precomputed pooled states as passages (the passage store); off by
+    #: default so no HTTP client can inject tensors.
+    allow_passage_states: bool = False
+    #: Build no encoder at all: only precomputed passage states are accepted.
+    decoder_only: bool = False
+
+    def __post_init__(self) -> None:
+        parse_chunk_size(self.chunk_size, "encoder_chunk_size")
+        check_positive_int(self.document_max_length, "document_max_length")
+        check_positive_int(self.query_max_length, "query_max_length")
+
+    @property
+    def pool_factor(self) -> int:
+        """Positions averaged per pooled state (1 when pooling is off)."""
+        return self.chunk_size or 1
+
+    def hf_overrides(self) -> dict[str, Any]:
+        """``hf_overrides`` that run a T5Gemma2 checkpoint as this plugin's model."""
+        return {
+            "architectures": [ARCHITECTURE],
+            # vLLM must see a decoder-only pooling model; the plugin runs the
+            # encoder itself (as a "passage" modality).
+            "is_encoder_decoder": False,
+            "num_labels": 1,
+            OVERRIDE_CHUNK_SIZE: self.chunk_size,
+            OVERRIDE_DOCUMENT_MAX_LENGTH: self.document_max_length,
+            OVERRIDE_QUERY_MAX_LENGTH: self.query_max_length,
+            OVERRIDE_ALLOW_PASSAGE_STATES: self.allow_passage_states,
+            OVERRIDE_DECODER_ONLY: self.decoder_only,
+        }
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> EngineSettings:
+        """Read the overrides back; absent keys take the defaults."""
+        chunk = getattr(config, OVERRIDE_CHUNK_SIZE, DEFAULT_ENCODER_CHUNK_SIZE)
+        return cls(
+            chunk_size=parse_chunk_size(chunk, "encoder_chunk_size"),
+            document_max_length=getattr(
+                config, OVERRIDE_DOCUMENT_MAX_LENGTH, DEFAULT_DOCUMENT_MAX_LENGTH
+            ),
+            query_max_length=getattr(
+                config, OVERRIDE_QUERY_MAX_LENGTH, DEFAULT_QUERY_MAX_LENGTH
+            ),
+            allow_passage_states=bool(
+                getattr(config, OVERRIDE_ALLOW_PASSAGE_STATES, False)
+            ),
+            decoder_only=bool(getattr(config, OVERRIDE_DECODER_ONLY, False)),
+        )

@@ -1,0 +1,64 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: locally built checkpoints, the reference, one shared engine.
+
+Environment for the whole run is set here, before anything imports vLLM:
+in-process engine core (seconds to start instead of tens), no Hub access,
+no usage statistics, vLLM logs on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+os.environ.setdefault("VLLM_PLUGINS", "kalm_t5gemma2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("kalm-tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def window_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three layers, a sliding window of 6: most test documents exceed it."""
+    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+
+    return make_checkpoint(
+        tmp_path_factory.mktemp("kalm-window"), "tiny", seed=1, sliding_window=6,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
+    from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
+
+    return KaLMReranker(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> Iterator[object]:
+    """One float32 vLLM engine on the tiny checkpoint, shared within a module.
+
+    Module scope on purpose: an in-process engine's shutdown tears down vLLM's
+    process-global parallel state, so no other engine may be created and closed
+    while this one is alive. Tests that build their own engines live in other
+    modules.
+    """
+    from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
+
+    with KaLMVLLMReranker(str(tiny_checkpoint), dtype="float32") as reranker:
+        yield reranker
