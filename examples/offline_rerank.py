@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Offline reranking with vLLM: the product description's example.
 
-    python examples/offline_rerank.py --model KaLM-Embedding/KaLM-Reranker-V1-Nano
+python examples/offline_rerank.py --model KaLM-Embedding/KaLM-Reranker-V1-Nano
 """
 
 import argparse
@@ -18,15 +18,21 @@ DOCUMENTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=MODEL_ID)
-    parser.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     args = parser.parse_args()
 
-    with KaLMVLLMReranker(args.model, dtype=args.dtype, encoder_chunk_size=4) as reranker:
+    with KaLMVLLMReranker(
+        args.model, dtype=args.dtype, encoder_chunk_size=4
+    ) as reranker:
         # P(yes) per pair, in input order
         print(reranker.predict([(QUERY, doc) for doc in DOCUMENTS]))
         # sorted results; the margin is yes_logit - no_logit
         for hit in reranker.rank(QUERY, DOCUMENTS, return_margin=True):
-            print(f"{hit['score']:.6f} {hit['margin']:+.4f} {DOCUMENTS[hit['corpus_id']]}")
+            print(
+                f"{hit['score']:.6f} {hit['margin']:+.4f} {DOCUMENTS[hit['corpus_id']]}"
+            )
 
 
 if __name__ == "__main__":  # vLLM starts worker processes with spawn

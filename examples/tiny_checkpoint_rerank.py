@@ -17,8 +17,11 @@ from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="kalm-tiny-")
     path = make_checkpoint(out, "tiny", seed=0)
-    documents = ["The capital of China is Beijing.", "Paris is the capital of France.",
-                 "Gravity attracts bodies toward one another."]
+    documents = [
+        "The capital of China is Beijing.",
+        "Paris is the capital of France.",
+        "Gravity attracts bodies toward one another.",
+    ]
     with KaLMVLLMReranker(str(path), dtype="float32") as reranker:
         for hit in reranker.rank("What is the capital of China?", documents):
             print(f"{hit['score']:.6f}  {documents[hit['corpus_id']]}")

@@ -96,8 +96,8 @@ def configure_vllm_environment(
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def resolve_cli_model(model: str | None) -> str:
-    """The model to load: ``--model``, else the default or a local test checkpoint.
+def resolve_cli_model(model: str | None) -> tuple[str, str]:
+    """``(name, local path)`` of the model to load.
 
     An explicit ``--model`` that cannot be loaded is an error. The default model
     falls back, saying so, to a random checkpoint generated locally, so the
@@ -106,9 +106,9 @@ def resolve_cli_model(model: str | None) -> str:
     from .hub import resolve_model
 
     if model is not None:
-        return resolve_model(model)
+        return model, resolve_model(model)
     try:
-        return resolve_model(MODEL_ID)
+        return MODEL_ID, resolve_model(MODEL_ID)
     except KaLMConfigError as exc:
         from .testing import make_checkpoint
 
@@ -122,7 +122,7 @@ def resolve_cli_model(model: str | None) -> str:
             f"its scores are not meaningful.",
             file=sys.stderr,
         )
-        return str(path)
+        return str(path), str(path)
 
 
 def reranker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_vllm_environment(in_process=True)
     out: IO[str] = sys.stdout
     try:
-        model = resolve_cli_model(args.model)
+        _, model = resolve_cli_model(args.model)
         from .reranker import KaLMVLLMReranker
 
         if args.output_jsonl:

@@ -61,6 +61,7 @@ OVERRIDE_DOCUMENT_MAX_LENGTH = "kalm_document_max_length"
 OVERRIDE_QUERY_MAX_LENGTH = "kalm_query_max_length"
 OVERRIDE_ALLOW_PASSAGE_STATES = "kalm_allow_passage_states"
 OVERRIDE_DECODER_ONLY = "kalm_decoder_only"
+OVERRIDE_COUNTERS_PATH = "kalm_counters_path"
 
 # --- sample (model card) -------------------------------------------------------------
 SAMPLE_QUERY = "What is the capital of China?"

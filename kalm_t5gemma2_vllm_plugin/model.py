@@ -42,6 +42,7 @@ from vllm.model_executor.models.interfaces import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .constants import NO_TOKEN_ID, PAD_TOKEN_ID, PASSAGE_MODALITY, YES_TOKEN_ID
+from .counters import EngineCounters
 from .pooler import KaLMYesNoPooler
 from .pooling import mep_pool
 from .processing import (
@@ -104,12 +105,8 @@ class KaLMT5Gemma2Reranker(
         if self.encoder is not None:
             self.encoder.eval()
         self.pooler = KaLMYesNoPooler(self.score_requests)
-        # Counters read by the reranker and the server (via LLM.apply_model).
-        self.stats = {
-            "passages_encoded": 0,
-            "passage_tokens_encoded": 0,
-            "requests_scored": 0,
-        }
+        # Read by the reranker and the server from their own process.
+        self.counters = EngineCounters(self.settings.counters_path)
 
     # --- vLLM score API ---------------------------------------------------------
     @classmethod
@@ -136,7 +133,9 @@ class KaLMT5Gemma2Reranker(
     @torch.inference_mode()
     def embed_multimodal(self, **kwargs: Any) -> list[torch.Tensor]:
         if STATES_FIELD in kwargs:  # precomputed by a passage store
-            return [s.to(self._dtype) for s in _as_list(kwargs[STATES_FIELD])]
+            states = _as_list(kwargs[STATES_FIELD])
+            self.counters.add(passages_from_store=len(states))
+            return [s.to(self._dtype) for s in states]
         passages = _as_list(kwargs[IDS_FIELD])
         assert self.encoder is not None, "decoder-only engines accept only states"
         lengths = torch.tensor([len(p) for p in passages])
@@ -147,8 +146,9 @@ class KaLMT5Gemma2Reranker(
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled, pooled_mask = mep_pool(hidden, mask, self.settings.chunk_size)
         rows = pooled_mask.sum(1).tolist()  # right padding: valid chunks come first
-        self.stats["passages_encoded"] += len(passages)
-        self.stats["passage_tokens_encoded"] += int(lengths.sum())
+        self.counters.add(
+            passages_encoded=len(passages), passage_tokens_encoded=int(lengths.sum())
+        )
         return [pooled[i, :n] for i, n in enumerate(rows)]
 
     def embed_input_ids(
@@ -221,7 +221,7 @@ class KaLMT5Gemma2Reranker(
         logits = last.float() @ head.float().T  # [B, 2]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        self.stats["requests_scored"] += num
+        self.counters.add(requests_scored=num)
         return logits[:, 0] - logits[:, 1]
 
     # --- weights -------------------------------------------------------------------

@@ -1,12 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Matryoshka chunk pooling (MEP) of encoder states, shared by every score path."""
+"""Matryoshka chunk pooling (MEP) of encoder states, shared by every score path.
+
+torch is imported inside ``mep_pool`` so that ``pooled_length`` stays usable
+from the light modules (prompt building, the HTTP layer).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["mep_pool", "pooled_length"]
 
@@ -34,6 +39,8 @@ def mep_pool(
     """
     if chunk_size is None:
         return hidden, mask
+    import torch.nn.functional as F
+
     batch, length, dim = hidden.shape
     chunks = math.ceil(length / chunk_size)
     pad = chunks * chunk_size - length

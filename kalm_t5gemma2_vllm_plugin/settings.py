@@ -13,6 +13,7 @@ from .constants import (
     DEFAULT_QUERY_MAX_LENGTH,
     OVERRIDE_ALLOW_PASSAGE_STATES,
     OVERRIDE_CHUNK_SIZE,
+    OVERRIDE_COUNTERS_PATH,
     OVERRIDE_DECODER_ONLY,
     OVERRIDE_DOCUMENT_MAX_LENGTH,
     OVERRIDE_QUERY_MAX_LENGTH,
@@ -37,6 +38,8 @@ class EngineSettings:
     allow_passage_states: bool = False
     #: Build no encoder at all: only precomputed passage states are accepted.
     decoder_only: bool = False
+    #: File where the model publishes its counters (see ``counters.py``).
+    counters_path: str | None = None
 
     def __post_init__(self) -> None:
         parse_chunk_size(self.chunk_size, "encoder_chunk_size")
@@ -61,6 +64,7 @@ class EngineSettings:
             OVERRIDE_QUERY_MAX_LENGTH: self.query_max_length,
             OVERRIDE_ALLOW_PASSAGE_STATES: self.allow_passage_states,
             OVERRIDE_DECODER_ONLY: self.decoder_only,
+            OVERRIDE_COUNTERS_PATH: self.counters_path,
         }
 
     @classmethod
@@ -79,4 +83,5 @@ class EngineSettings:
                 getattr(config, OVERRIDE_ALLOW_PASSAGE_STATES, False)
             ),
             decoder_only=bool(getattr(config, OVERRIDE_DECODER_ONLY, False)),
+            counters_path=getattr(config, OVERRIDE_COUNTERS_PATH, None),
         )

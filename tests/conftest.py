@@ -36,7 +36,10 @@ def window_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
 
     return make_checkpoint(
-        tmp_path_factory.mktemp("kalm-window"), "tiny", seed=1, sliding_window=6,
+        tmp_path_factory.mktemp("kalm-window"),
+        "tiny",
+        seed=1,
+        sliding_window=6,
         num_hidden_layers=3,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     )

@@ -20,16 +20,22 @@ def _rows(text: str) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
-                            for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_without_input_ranks_the_sample(
     tiny_checkpoint: Path, reference: KaLMReranker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["--model", str(tiny_checkpoint), "--dtype", "float32",
-                     "--return-margin"]) == 0
+    assert (
+        cli.main(
+            ["--model", str(tiny_checkpoint), "--dtype", "float32", "--return-margin"]
+        )
+        == 0
+    )
     rows = _rows(capsys.readouterr().out)
     expected = reference.rank(SAMPLE_QUERY, list(SAMPLE_DOCUMENTS), return_margin=True)
     assert [r["corpus_id"] for r in rows] == [e["corpus_id"] for e in expected]
@@ -62,15 +68,30 @@ def test_jsonl_in_input_order_with_ids_instructions_and_margins(
     ]
     source = _write_jsonl(tmp_path / "in.jsonl", rows[:2] + [""] + rows[2:])
     target = tmp_path / "nested" / "out.jsonl"
-    assert cli.main(["--model", str(tiny_checkpoint), "--dtype", "float32",
-                     "--input-jsonl", str(source), "--output-jsonl", str(target),
-                     "--return-margin"]) == 0
+    assert (
+        cli.main(
+            [
+                "--model",
+                str(tiny_checkpoint),
+                "--dtype",
+                "float32",
+                "--input-jsonl",
+                str(source),
+                "--output-jsonl",
+                str(target),
+                "--return-margin",
+            ]
+        )
+        == 0
+    )
     out = _rows(target.read_text(encoding="utf-8"))
     assert [r["id"] for r in out] == ["a", 7, 2, 3]  # row index when no id given
     assert [r["document"] for r in out] == [r["document"] for r in rows]
     assert "instruction" not in out[0] and out[2]["instruction"] == instruction
     expected = reference.margins([(r["query"], r["document"]) for r in rows[:2]])
-    expected.append(reference.margins([("q one", "third doc")], instruction=instruction)[0])
+    expected.append(
+        reference.margins([("q one", "third doc")], instruction=instruction)[0]
+    )
     expected += reference.margins([(rows[3]["query"], rows[3]["document"])])
     for row, margin in zip(out, expected, strict=True):
         assert abs(row["margin"] - margin) <= MARGIN_ATOL
@@ -79,11 +100,26 @@ def test_jsonl_in_input_order_with_ids_instructions_and_margins(
 def test_top_k_keeps_the_best_per_query(
     tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows = [{"query": q, "document": f"document number {i} {q}"}
-            for i in range(5) for q in ("alpha", "beta")]
+    rows = [
+        {"query": q, "document": f"document number {i} {q}"}
+        for i in range(5)
+        for q in ("alpha", "beta")
+    ]
     source = _write_jsonl(tmp_path / "in.jsonl", rows)
-    assert cli.main(["--model", str(tiny_checkpoint), "--input-jsonl", str(source),
-                     "--top-k", "2", "--return-margin"]) == 0
+    assert (
+        cli.main(
+            [
+                "--model",
+                str(tiny_checkpoint),
+                "--input-jsonl",
+                str(source),
+                "--top-k",
+                "2",
+                "--return-margin",
+            ]
+        )
+        == 0
+    )
     out = _rows(capsys.readouterr().out)
     assert [r["query"] for r in out] == ["alpha", "alpha", "beta", "beta"]
     for query in ("alpha", "beta"):
@@ -94,33 +130,51 @@ def test_top_k_keeps_the_best_per_query(
 def test_malformed_row_stops_with_its_line_number(
     tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = _write_jsonl(tmp_path / "in.jsonl", [
-        {"query": "q", "document": "ok"}, {"query": "q", "document": 3},
-        {"query": "q", "document": "after"}])
-    assert cli.main(["--model", str(tiny_checkpoint), "--input-jsonl", str(source)]) == 2
+    source = _write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"query": "q", "document": "ok"},
+            {"query": "q", "document": 3},
+            {"query": "q", "document": "after"},
+        ],
+    )
+    assert (
+        cli.main(["--model", str(tiny_checkpoint), "--input-jsonl", str(source)]) == 2
+    )
     captured = capsys.readouterr()
     assert f"{source}:2: field 'document' must be a string" in captured.err
     assert [r["document"] for r in _rows(captured.out)] == ["ok"]
 
 
 def test_skip_invalid_reports_and_keeps_every_valid_row(
-    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    lines = ['{"query": "q", "document": "one"}', "not json",
-             '{"query": "q", "document": "two", "instruction": 5}', "[1, 2]",
-             '{"query": "q", "document": "three"}']
+    lines = [
+        '{"query": "q", "document": "one"}',
+        "not json",
+        '{"query": "q", "document": "two", "instruction": 5}',
+        "[1, 2]",
+        '{"query": "q", "document": "three"}',
+    ]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    assert cli.main(["--model", str(tiny_checkpoint), "--input-jsonl", "-",
-                     "--skip-invalid"]) == 0
+    assert (
+        cli.main(
+            ["--model", str(tiny_checkpoint), "--input-jsonl", "-", "--skip-invalid"]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert [r["document"] for r in _rows(captured.out)] == ["one", "three"]
     assert [r["id"] for r in _rows(captured.out)] == [0, 4]
     assert "Skipped 3 invalid row(s); first: <stdin>:2: invalid JSON" in captured.err
 
 
-def test_bad_flags_fail_clearly(tiny_checkpoint: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_fail_clearly(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["--model", str(tiny_checkpoint), "--encoder-chunk-size", "3"]) == 2
     assert "encoder_chunk_size must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -14,15 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str, timeout: int = 300) -> str:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_transformers_usage_example(tiny_checkpoint: Path) -> None:
-    out = _run("examples/transformers_usage.py", "--model", str(tiny_checkpoint),
-               "--chunk-size", "none")
+    out = _run(
+        "examples/transformers_usage.py",
+        "--model",
+        str(tiny_checkpoint),
+        "--chunk-size",
+        "none",
+    )
     assert out.startswith("scores: [") and "'corpus_id'" in out
 
 

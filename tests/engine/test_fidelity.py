@@ -41,7 +41,10 @@ def test_margins_match_reference(
         max_length=LIMITS["document_max_length"],
     ).margins(pairs)
     with KaLMVLLMReranker(
-        checkpoint, encoder_chunk_size=chunk_size, dtype="float32", max_model_len=512,
+        checkpoint,
+        encoder_chunk_size=chunk_size,
+        dtype="float32",
+        max_model_len=512,
         **LIMITS,
     ) as reranker:
         got = reranker.margins(pairs)
@@ -56,8 +59,10 @@ def test_bfloat16_margin_difference_is_measured(
     """No bound to tune to: the figure is printed (and quoted in the README)."""
     rng = random.Random(11)
     pairs = [
-        (synthetic_text(rng.randint(3, 20), seed=i),
-         synthetic_text(rng.randint(0, 200), seed=300 + i))
+        (
+            synthetic_text(rng.randint(3, 20), seed=i),
+            synthetic_text(rng.randint(0, 200), seed=300 + i),
+        )
         for i in range(64)
     ]
     expected = reference.margins(pairs)
@@ -65,6 +70,8 @@ def test_bfloat16_margin_difference_is_measured(
         assert reranker.dtype == "bfloat16"
         got = reranker.margins(pairs)
     worst = max(abs(a - b) for a, b in zip(got, expected, strict=True))
-    print(f"\nbf16 engine vs fp32 reference, tiny checkpoint, 64 pairs: "
-          f"max |margin diff| = {worst:.4f}")
+    print(
+        f"\nbf16 engine vs fp32 reference, tiny checkpoint, 64 pairs: "
+        f"max |margin diff| = {worst:.4f}"
+    )
     assert worst < 5.0  # guards against garbage only; not a tolerance

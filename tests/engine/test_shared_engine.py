@@ -18,8 +18,13 @@ pytestmark = pytest.mark.engine
 
 def test_a_pair_scores_the_same_alone_and_among_fifty(engine: KaLMVLLMReranker) -> None:
     rng = random.Random(3)
-    others = [(synthetic_text(rng.randint(1, 40), seed=500 + i),
-               synthetic_text(rng.randint(0, 300), seed=600 + i)) for i in range(50)]
+    others = [
+        (
+            synthetic_text(rng.randint(1, 40), seed=500 + i),
+            synthetic_text(rng.randint(0, 300), seed=600 + i),
+        )
+        for i in range(50)
+    ]
     target = (QUERY, synthetic_text(90, seed=4242))
     alone = engine.margins([target])[0]
     mixed = engine.margins(others[:25] + [target] + others[25:])[25]
@@ -50,17 +55,24 @@ def test_llm_score_agrees_with_predict(engine: KaLMVLLMReranker) -> None:
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-6
 
 
-def test_score_template_passes_a_per_request_instruction(engine: KaLMVLLMReranker) -> None:
+def test_score_template_passes_a_per_request_instruction(
+    engine: KaLMVLLMReranker,
+) -> None:
     from vllm import PoolingParams
 
-    template = resources.files("kalm_t5gemma2_vllm_plugin").joinpath(
-        "data/kalm_score_template.jinja").read_text(encoding="utf-8")
+    template = (
+        resources.files("kalm_t5gemma2_vllm_plugin")
+        .joinpath("data/kalm_score_template.jinja")
+        .read_text(encoding="utf-8")
+    )
     instruction = "Given a web search query, retrieve passages that answer the query."
     docs = ["The capital of China is Beijing.", "Gravity attracts bodies."]
     params = PoolingParams(
-        extra_kwargs={"chat_template_kwargs": {"instruction": instruction}})
-    outputs = engine._llm.score(QUERY, docs, chat_template=template,
-                                pooling_params=params, use_tqdm=False)
+        extra_kwargs={"chat_template_kwargs": {"instruction": instruction}}
+    )
+    outputs = engine._llm.score(
+        QUERY, docs, chat_template=template, pooling_params=params, use_tqdm=False
+    )
     got = [o.outputs.score for o in outputs]
     expected = engine.predict([(QUERY, d) for d in docs], instruction=instruction)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-6
@@ -73,7 +85,8 @@ def test_plain_classify_returns_p_yes(engine: KaLMVLLMReranker) -> None:
     docs = ["The capital of China is Beijing.", ""]
     outputs = engine._llm.classify(
         [{"prompt_token_ids": ids, "multi_modal_data": {"passage": d}} for d in docs],
-        use_tqdm=False)
+        use_tqdm=False,
+    )
     expected = engine.predict([(QUERY, d) for d in docs])
     assert [o.outputs.probs[0] for o in outputs] == pytest.approx(expected, abs=1e-6)
 
@@ -83,14 +96,26 @@ def test_calls_validate_like_the_reference(
 ) -> None:
     bad_calls = [
         (lambda r: r.rank(1, ["d"]), TypeError, "query must be a str, got int"),
-        (lambda r: r.rank("q", ["d", 2]), TypeError,
-         "documents[1] must be a str, got int"),
-        (lambda r: r.rank("q", ["d"], top_k=-1), ValueError,
-         "top_k must be None or an int"),
-        (lambda r: r.predict([("q",)]), ValueError,
-         "pairs[0] must be a (query, document)"),
-        (lambda r: r.predict([("q", "d")], instruction=5), TypeError,
-         "instruction must be a str, got int"),
+        (
+            lambda r: r.rank("q", ["d", 2]),
+            TypeError,
+            "documents[1] must be a str, got int",
+        ),
+        (
+            lambda r: r.rank("q", ["d"], top_k=-1),
+            ValueError,
+            "top_k must be None or an int",
+        ),
+        (
+            lambda r: r.predict([("q",)]),
+            ValueError,
+            "pairs[0] must be a (query, document)",
+        ),
+        (
+            lambda r: r.predict([("q", "d")], instruction=5),
+            TypeError,
+            "instruction must be a str, got int",
+        ),
     ]
     for call, error, message in bad_calls:
         for reranker in (engine, reference):

@@ -18,12 +18,18 @@ from tests.helpers import BATCH_ATOL, QUERY, fidelity_documents
 
 def _mixed_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    return [(synthetic_text(rng.randint(1, 30), seed=seed + i),
-             synthetic_text(rng.randint(0, 160), seed=1000 + seed + i))
-            for i in range(count)]
+    return [
+        (
+            synthetic_text(rng.randint(1, 30), seed=seed + i),
+            synthetic_text(rng.randint(0, 160), seed=1000 + seed + i),
+        )
+        for i in range(count)
+    ]
 
 
-def test_scores_are_probabilities_and_sigmoid_of_margins(reference: KaLMReranker) -> None:
+def test_scores_are_probabilities_and_sigmoid_of_margins(
+    reference: KaLMReranker,
+) -> None:
     pairs = [(QUERY, doc) for doc in fidelity_documents().values()]
     results = reference.predict(pairs, return_margin=True)
     scores = reference.predict(pairs)
@@ -43,10 +49,18 @@ def test_matches_a_hand_written_model_card_forward(tiny_checkpoint: Path) -> Non
     dec = tok(dec_text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         hidden = model.get_encoder()(**enc).last_hidden_state[0]
-        pooled = torch.stack([hidden[i:i + 2].mean(0) for i in range(0, len(hidden), 2)])
-        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=pooled[None]),
-                       attention_mask=torch.ones(1, len(pooled), dtype=torch.long),
-                       decoder_input_ids=dec["input_ids"]).logits[0, -1].float()
+        pooled = torch.stack(
+            [hidden[i : i + 2].mean(0) for i in range(0, len(hidden), 2)]
+        )
+        logits = (
+            model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=pooled[None]),
+                attention_mask=torch.ones(1, len(pooled), dtype=torch.long),
+                decoder_input_ids=dec["input_ids"],
+            )
+            .logits[0, -1]
+            .float()
+        )
     expected = float(logits[4443] - logits[1904])
     got = KaLMReranker(str(tiny_checkpoint), chunk_size=2).margins([(QUERY, doc)])[0]
     assert got == pytest.approx(expected, abs=1e-5)
@@ -92,8 +106,11 @@ def test_sliding_window_shorter_than_documents(window_checkpoint: Path) -> None:
 def test_instruction_changes_the_score(reference: KaLMReranker) -> None:
     pair = [(QUERY, "The capital of China is Beijing.")]
     default = reference.margins(pair)[0]
-    other = reference.margins(pair, instruction="Given a web search query, retrieve "
-                              "passages that answer the query.")[0]
+    other = reference.margins(
+        pair,
+        instruction="Given a web search query, retrieve "
+        "passages that answer the query.",
+    )[0]
     assert default != other
 
 
@@ -104,15 +121,28 @@ def test_chunk_size_none_equals_one(tiny_checkpoint: Path) -> None:
     assert max(abs(a - b) for a, b in zip(none, one, strict=True)) <= 1e-5
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"chunk_size": 3}, ValueError, "chunk_size must be one of [1, 2, 4, 8, 16, 32]"),
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
-    ({"max_length": -1}, ValueError, "max_length must be a positive int, got -1"),
-    ({"query_max_length": "512"}, TypeError, "query_max_length must be a positive int"),
-    ({"instruction": None}, TypeError, "instruction must be a str, got NoneType"),
-], ids=["chunk", "batch", "max_length", "query_max_length", "instruction"])
-def test_constructor_validates(tiny_checkpoint: Path, kwargs: dict, error: type,
-                               message: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (
+            {"chunk_size": 3},
+            ValueError,
+            "chunk_size must be one of [1, 2, 4, 8, 16, 32]",
+        ),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
+        ({"max_length": -1}, ValueError, "max_length must be a positive int, got -1"),
+        (
+            {"query_max_length": "512"},
+            TypeError,
+            "query_max_length must be a positive int",
+        ),
+        ({"instruction": None}, TypeError, "instruction must be a str, got NoneType"),
+    ],
+    ids=["chunk", "batch", "max_length", "query_max_length", "instruction"],
+)
+def test_constructor_validates(
+    tiny_checkpoint: Path, kwargs: dict, error: type, message: str
+) -> None:
     with pytest.raises(error, match=re.escape(message)):
         KaLMReranker(str(tiny_checkpoint), **kwargs)
 
@@ -120,7 +150,9 @@ def test_constructor_validates(tiny_checkpoint: Path, kwargs: dict, error: type,
 def test_calls_validate(reference: KaLMReranker) -> None:
     with pytest.raises(TypeError, match=re.escape("query must be a str, got int")):
         reference.rank(1, ["d"])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=re.escape("documents[0] must be a str, got bytes")):
+    with pytest.raises(
+        TypeError, match=re.escape("documents[0] must be a str, got bytes")
+    ):
         reference.rank("q", [b"d"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="top_k must be None or an int >= 0, got -2"):
         reference.rank("q", ["d"], top_k=-2)
@@ -130,8 +162,11 @@ def test_calls_validate(reference: KaLMReranker) -> None:
 
 
 def test_missing_model_fails_in_one_sentence(tmp_path: Path) -> None:
-    with pytest.raises(KaLMConfigError, match="is not a local directory and could not be "
-                       "fetched from the Hugging Face Hub"):
+    with pytest.raises(
+        KaLMConfigError,
+        match="is not a local directory and could not be "
+        "fetched from the Hugging Face Hub",
+    ):
         KaLMReranker("KaLM-Embedding/does-not-exist-here")
     (tmp_path / "empty").mkdir()
     with pytest.raises(KaLMConfigError, match="has no config.json"):

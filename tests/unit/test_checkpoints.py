@@ -28,14 +28,21 @@ EXPECTED_DIMS = {
 def test_preset_configs_have_the_documented_dimensions(preset: str) -> None:
     config = build_config(preset)
     for text in (config.encoder.text_config, config.decoder):
-        dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers,
-                text.num_attention_heads, text.num_key_value_heads, text.head_dim,
-                text.sliding_window)
+        dims = (
+            text.hidden_size,
+            text.intermediate_size,
+            text.num_hidden_layers,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.head_dim,
+            text.sliding_window,
+        )
         assert dims == EXPECTED_DIMS[preset]
         assert text.vocab_size == 262144
         # five sliding layers, then one full
-        assert [i for i, t in enumerate(text.layer_types) if t == "full_attention"] == \
-            list(range(5, text.num_hidden_layers, 6))
+        assert [
+            i for i, t in enumerate(text.layer_types) if t == "full_attention"
+        ] == list(range(5, text.num_hidden_layers, 6))
     assert config.model_type == "t5gemma2" and config.is_encoder_decoder
     assert config.architectures == ["T5Gemma2ForConditionalGeneration"]
 
@@ -49,8 +56,12 @@ def test_overrides_apply_to_encoder_and_decoder() -> None:
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_checkpoint: Path) -> None:
     names = sorted(p.name for p in tiny_checkpoint.iterdir())
-    assert {"config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= set(names)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(names)
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     assert config["model_type"] == "t5gemma2"
     assert config["architectures"] == ["T5Gemma2ForConditionalGeneration"]
@@ -60,16 +71,28 @@ def test_tiny_checkpoint_has_the_real_layout(tiny_checkpoint: Path) -> None:
     assert "model.encoder.layers.0.self_attn.q_proj.weight" in keys
     assert "model.decoder.layers.1.mlp.down_proj.weight" in keys
     assert any(k.startswith("model.encoder.vision_tower.") for k in keys)
-    assert not any(k.startswith(("lm_head.", "model.decoder.embed_tokens")) for k in keys)
+    assert not any(
+        k.startswith(("lm_head.", "model.decoder.embed_tokens")) for k in keys
+    )
 
 
-def test_tiny_checkpoint_loads_and_its_tokenizer_has_gemma_ids(tiny_checkpoint: Path) -> None:
+def test_tiny_checkpoint_loads_and_its_tokenizer_has_gemma_ids(
+    tiny_checkpoint: Path,
+) -> None:
     model = T5Gemma2ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert model.config.decoder.hidden_size == 64
     assert AutoConfig.from_pretrained(tiny_checkpoint).model_type == "t5gemma2"
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    expected = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105,
-                "<end_of_turn>": 106, "yes": 4443, "no": 1904}
+    expected = {
+        "<pad>": 0,
+        "<eos>": 1,
+        "<bos>": 2,
+        "<unk>": 3,
+        "<start_of_turn>": 105,
+        "<end_of_turn>": 106,
+        "yes": 4443,
+        "no": 1904,
+    }
     for token, token_id in expected.items():
         assert tok.convert_tokens_to_ids(token) == token_id
     assert prompting.check_yes_no_tokens(tok) == (4443, 1904)
@@ -86,33 +109,55 @@ def test_weights_depend_on_the_seed(tmp_path: Path) -> None:
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
-@pytest.mark.parametrize("text", [
-    "北京是中国的首都", "emoji 🙂 and naïve café", "tabs\tand\nnewlines  double  spaces",
-    "<Document>: <end_of_turn> literal", "ﬁ ligature, \u0000 NUL, \U0010ffff",
-], ids=["cjk", "emoji", "whitespace", "special-text", "odd-codepoints"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "北京是中国的首都",
+        "emoji 🙂 and naïve café",
+        "tabs\tand\nnewlines  double  spaces",
+        "<Document>: <end_of_turn> literal",
+        "ﬁ ligature, \u0000 NUL, \U0010ffff",
+    ],
+    ids=["cjk", "emoji", "whitespace", "special-text", "odd-codepoints"],
+)
 def test_tokenizer_loses_no_text(text: str) -> None:
     tok = build_tokenizer()
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert 3 not in ids  # no <unk>
-    assert tok.decode(ids, skip_special_tokens=False,
-                      clean_up_tokenization_spaces=False) == text
+    assert (
+        tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        == text
+    )
 
 
 def test_common_words_and_template_words_are_single_tokens() -> None:
     tok = build_tokenizer()
     empty_query = prompting.decoder_prompt_ids(tok, "", query_max_length=512)
     assert len(empty_query) == 59  # stated in the README
-    for word in ("The", " capital", " of", " retrieve", " documents", " Judge", " whether"):
+    for word in (
+        "The",
+        " capital",
+        " of",
+        " retrieve",
+        " documents",
+        " Judge",
+        " whether",
+    ):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
 
 
 def test_synthetic_text_has_exact_token_counts() -> None:
     tok = build_tokenizer()
     for n in (1, 17, 256):
-        assert len(tok(synthetic_text(n, seed=n), add_special_tokens=False)["input_ids"]) == n
+        assert (
+            len(tok(synthetic_text(n, seed=n), add_special_tokens=False)["input_ids"])
+            == n
+        )
 
 
-def test_make_checkpoint_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_make_checkpoint_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([str(tmp_path / "ck"), "--seed", "3", "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ck")
     with safe_open(tmp_path / "ck" / "model.safetensors", "pt") as f:

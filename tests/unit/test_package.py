@@ -14,7 +14,12 @@ def test_entry_point_is_visible_to_vllm() -> None:
 
 def test_console_scripts_are_declared() -> None:
     names = {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert {"kalm-vllm-rerank", "kalm-vllm-make-checkpoint"} <= names
+    assert {
+        "kalm-vllm-rerank",
+        "kalm-vllm-serve",
+        "kalm-vllm-client",
+        "kalm-vllm-make-checkpoint",
+    } <= names
 
 
 def test_light_modules_import_without_torch_or_vllm() -> None:
@@ -24,6 +29,9 @@ def test_light_modules_import_without_torch_or_vllm() -> None:
         "import kalm_t5gemma2_vllm_plugin.errors, kalm_t5gemma2_vllm_plugin.prompting\n"
         "import kalm_t5gemma2_vllm_plugin.validation, kalm_t5gemma2_vllm_plugin.scores\n"
         "import kalm_t5gemma2_vllm_plugin.settings, kalm_t5gemma2_vllm_plugin.cli\n"
+        "import kalm_t5gemma2_vllm_plugin.client, kalm_t5gemma2_vllm_plugin.pooling\n"
+        "import kalm_t5gemma2_vllm_plugin.engine_prompts\n"
+        "import kalm_t5gemma2_vllm_plugin.server.schemas\n"
         "heavy = {'torch', 'vllm', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -7,7 +7,9 @@ from kalm_t5gemma2_vllm_plugin.pooling import mep_pool, pooled_length
 
 
 def test_pool_factor_two_by_hand() -> None:
-    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    hidden = torch.tensor(
+        [[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]]
+    )
     mask = torch.tensor([[1, 1, 1, 1, 1]])
     pooled, pooled_mask = mep_pool(hidden, mask, 2)
     assert pooled.tolist() == [[[2.0, 3.0], [6.0, 7.0], [9.0, 10.0]]]
@@ -31,7 +33,7 @@ def test_batched_pooling_equals_per_document_pooling() -> None:
     for factor in SUPPORTED_ENCODER_CHUNK_SIZES:
         pooled, pooled_mask = mep_pool(hidden, mask, factor)
         for i, n in enumerate(lengths):
-            alone, _ = mep_pool(hidden[i:i + 1, :n], mask[i:i + 1, :n], factor)
+            alone, _ = mep_pool(hidden[i : i + 1, :n], mask[i : i + 1, :n], factor)
             rows = pooled_length(n, factor)
             assert int(pooled_mask[i].sum()) == rows
             torch.testing.assert_close(pooled[i, :rows], alone[0], rtol=0, atol=1e-6)
@@ -42,9 +44,12 @@ def test_each_supported_factor_is_a_masked_chunk_mean(factor: int) -> None:
     torch.manual_seed(factor)
     length = 37
     hidden = torch.randn(1, length, 3)
-    pooled, pooled_mask = mep_pool(hidden, torch.ones(1, length, dtype=torch.long), factor)
-    expected = torch.stack([hidden[0, i:i + factor].mean(0)
-                            for i in range(0, length, factor)])
+    pooled, pooled_mask = mep_pool(
+        hidden, torch.ones(1, length, dtype=torch.long), factor
+    )
+    expected = torch.stack(
+        [hidden[0, i : i + factor].mean(0) for i in range(0, length, factor)]
+    )
     torch.testing.assert_close(pooled[0], expected)
     assert pooled_mask.tolist() == [[1] * pooled_length(length, factor)]
 

@@ -31,7 +31,9 @@ def test_decoder_prompt_is_character_exact() -> None:
     assert digest == "6b120fe07ee968dfad28c7b0a531ccd56b33b698c59677bf0c87760ab17cb03e"
 
 
-def test_decoder_prompt_ids_start_with_one_bos_and_end_with_model_turn(tokenizer) -> None:
+def test_decoder_prompt_ids_start_with_one_bos_and_end_with_model_turn(
+    tokenizer,
+) -> None:
     ids = prompting.decoder_prompt_ids(
         tokenizer, "What is the capital of China?", query_max_length=512
     )
@@ -41,7 +43,14 @@ def test_decoder_prompt_ids_start_with_one_bos_and_end_with_model_turn(tokenizer
     assert ids[-5:] == [106, 107, 105, 4368, 110]
     query_ids = tokenizer("What is the capital of China?", add_special_tokens=False)
     assert tokenizer.convert_ids_to_tokens(query_ids["input_ids"]) == [
-        "What", "▁is", "▁the", "▁capital", "▁of", "▁China", "?"]
+        "What",
+        "▁is",
+        "▁the",
+        "▁capital",
+        "▁of",
+        "▁China",
+        "?",
+    ]
 
 
 def test_truncate_query_cuts_tokens_then_decodes(tokenizer) -> None:
@@ -56,8 +65,9 @@ def test_truncated_query_changes_only_the_query_field(tokenizer) -> None:
     ids = prompting.decoder_prompt_ids(
         tokenizer, "What is the capital of China?", query_max_length=2
     )
-    text = tokenizer.decode(ids, skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(
+        ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     assert text == SAMPLE_PROMPT.replace("What is the capital of China?", "What is")
 
 
@@ -65,8 +75,17 @@ def test_document_prefix_counts_toward_max_length(tokenizer) -> None:
     doc = "The capital of China is Beijing."
     full = prompting.encode_document(tokenizer, doc, 1024)
     assert tokenizer.convert_ids_to_tokens(full.ids) == [
-        "<", "Document", ">:", "▁The", "▁capital", "▁of", "▁China", "▁is",
-        "▁Beijing", "."]
+        "<",
+        "Document",
+        ">:",
+        "▁The",
+        "▁capital",
+        "▁of",
+        "▁China",
+        "▁is",
+        "▁Beijing",
+        ".",
+    ]
     assert not full.truncated and full.num_tokens == 10
     cut = prompting.encode_document(tokenizer, doc, 5)
     assert cut.ids == full.ids[:5] and cut.truncated and cut.num_tokens == 10
@@ -91,7 +110,10 @@ def test_yes_no_ids_are_checked(tokenizer) -> None:
 def test_score_text_round_trips_fields() -> None:
     text = prompting.pack_score_text("q?", "doc " + SCORE_SEPARATOR + " tail", "inst")
     assert prompting.unpack_score_text("<bos>" + text) == (
-        "q?", "inst", "doc " + SCORE_SEPARATOR + " tail")
+        "q?",
+        "inst",
+        "doc " + SCORE_SEPARATOR + " tail",
+    )
     with pytest.raises(KaLMInputError, match="query contains the reserved separator"):
         prompting.pack_score_text("a" + SCORE_SEPARATOR, "d")
     with pytest.raises(KaLMInputError, match="found 1 separators"):

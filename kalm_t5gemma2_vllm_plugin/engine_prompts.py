@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What the vLLM paths (offline reranker, HTTP service) send to the engine.
+
+One request per ``(query, document)`` pair: the KaLM decoder prompt ids plus
+the passage as encoder ids. Tokenizing the passage here (instead of inside the
+engine) tells the caller which documents were truncated and how many tokens
+each request carries; the engine's processor keys its cache on the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .constants import DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_MODALITY
+from .errors import KaLMInputError
+from .pooling import pooled_length
+from .prompting import (
+    TokenizerLike,
+    decoder_prompt_ids,
+    encode_document,
+    format_decoder_prompt,
+)
+from .settings import EngineSettings
+
+__all__ = ["EnginePrompt", "PromptBuilder"]
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """One engine request and what the caller reports about it."""
+
+    prompt: dict[str, Any]
+    #: The document was cut to the document length limit.
+    truncated: bool
+    #: Decoder prompt tokens plus encoder tokens.
+    num_tokens: int
+
+
+class PromptBuilder:
+    """Builds engine prompts with the engine's KaLM settings."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerLike,
+        settings: EngineSettings,
+        *,
+        max_model_len: int,
+        system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_model_len = max_model_len
+        self.system_instruction = system_instruction
+
+    def check_instruction(self, instruction: str, field: str = "instruction") -> None:
+        """Refuse an instruction with which a full-length query and document
+        would not fit ``max_model_len``."""
+        template = len(
+            self.tokenizer(
+                format_decoder_prompt("", instruction, self.system_instruction),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        settings = self.settings
+        needed = (
+            template
+            + settings.query_max_length
+            + pooled_length(settings.document_max_length, settings.pool_factor)
+        )
+        if needed > self.max_model_len:
+            raise KaLMInputError(
+                f"max_model_len={self.max_model_len} is too small for this "
+                f"{field}: a full-length query and document need {needed} positions "
+                f"({template} prompt + {settings.query_max_length} query + pooled "
+                f"document); raise max_model_len or lower query_max_length/"
+                f"document_max_length.",
+                field=field,
+            )
+
+    def build(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        instruction: str,
+        *,
+        document_max_length: int | None = None,
+    ) -> list[EnginePrompt]:
+        """Engine prompts for validated pairs, in order (one tokenization per query).
+
+        ``document_max_length`` may only lower the engine's limit (per-request
+        ``max_tokens_per_doc``).
+        """
+        limit = self.settings.document_max_length
+        if document_max_length is not None:
+            limit = min(limit, document_max_length)
+        decoder: dict[str, list[int]] = {}
+        prompts = []
+        for query, document in pairs:
+            if query not in decoder:
+                decoder[query] = decoder_prompt_ids(
+                    self.tokenizer,
+                    query,
+                    query_max_length=self.settings.query_max_length,
+                    instruction=instruction,
+                    system_instruction=self.system_instruction,
+                )
+            passage = encode_document(self.tokenizer, document, limit)
+            prompts.append(
+                EnginePrompt(
+                    prompt={
+                        "prompt_token_ids": decoder[query],
+                        "multi_modal_data": {PASSAGE_MODALITY: passage.ids},
+                    },
+                    truncated=passage.truncated,
+                    num_tokens=len(decoder[query]) + len(passage.ids),
+                )
+            )
+        return prompts

@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``kalm-vllm-serve``: the HTTP service on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..cli import add_engine_arguments, configure_vllm_environment, resolve_cli_model
+from ..constants import ENV_API_KEY
+from ..errors import KaLMError
+from ..settings import EngineSettings
+from ..validation import check_positive_int, parse_chunk_size
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kalm-vllm-serve",
+        description="Serve KaLM-Reranker-V1 over HTTP (/rerank, /score, /v1/rerank, "
+        "/v2/rerank, /health, /metrics, /docs) on vLLM's asynchronous engine.",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default loopback; 0.0.0.0 to expose)",
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        help="name clients may send as 'model' (repeatable); default: "
+        "the --model value and its last path component",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(ENV_API_KEY),
+        help=f"require 'Authorization: Bearer KEY' on every route but "
+        f"/health (default: ${ENV_API_KEY})",
+    )
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument(
+        "--max-documents", type=int, default=4096, help="documents per rerank request"
+    )
+    limits.add_argument("--max-pairs", type=int, default=4096, help="pairs per /score")
+    limits.add_argument(
+        "--max-body-mb", type=float, default=32.0, help="request body size in MiB"
+    )
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=64,
+        help="requests in flight before new ones get 429",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kalm-vllm-serve``."""
+    args = _parser().parse_args(argv)
+    configure_vllm_environment(log_level=args.log_level)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvicorn
+
+    from . import create_app
+    from .service import ServiceConfig
+
+    try:
+        for name in (
+            "max_documents",
+            "max_pairs",
+            "max_concurrent_requests",
+            "max_model_len",
+            "batch_size",
+        ):
+            check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+        settings = EngineSettings(
+            chunk_size=parse_chunk_size(
+                args.encoder_chunk_size, "--encoder-chunk-size"
+            ),
+            document_max_length=args.document_max_length,
+            query_max_length=args.query_max_length,
+        )
+        model, model_path = resolve_cli_model(args.model)
+        config = ServiceConfig(
+            model=model,
+            model_path=model_path,
+            settings=settings,
+            max_model_len=args.max_model_len,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            instruction=args.instruction,
+            served_model_names=args.served_model_name or [],
+            api_key=args.api_key or None,
+            max_documents=args.max_documents,
+            max_pairs=args.max_pairs,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            max_concurrent_requests=args.max_concurrent_requests,
+        )
+    except KaLMError as exc:
+        print(f"kalm-vllm-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=120,
+        )
+    )
+    app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
+    print(
+        f"=== KaLM vLLM Online Reranker ===\nmodel: {config.model}\n"
+        f"query_max_length={settings.query_max_length} "
+        f"document_max_length={settings.document_max_length} "
+        f"encoder_chunk_size={settings.chunk_size} max_model_len={config.max_model_len}"
+        f"\nauth: {'on' if config.api_key else 'off'}\n"
+        f"listen: http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    # uvicorn shuts down gracefully on SIGTERM (in-flight requests finish), then
+    # re-raises the signal under the handler that was installed before it; make
+    # that a no-op so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 1 if app.state.start_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every error the service returns, mapped in one place to one JSON shape.
+
+Body: ``{"error": {"type", "message", "field"?}}``. Client faults are 4xx with a
+message naming the field; anything unexpected is a 500 with a generic message
+(details go to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import KaLMInputError
+
+__all__ = ["APIError", "error_body", "install_error_handlers"]
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with its HTTP status, raised anywhere in the request path."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if field is not None:
+        error["field"] = field
+    return {"error": error}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(error.type, error.message, error.field),
+        status_code=error.status,
+        headers=error.headers,
+    )
+
+
+# Pydantic names the branch of a union in the location; clients need the field.
+_UNION_BRANCHES = {"str", "DocumentObject"}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0]
+    raw_loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in raw_loc if p not in _UNION_BRANCHES]
+    field = ".".join(loc) or None
+    if len(loc) != len(raw_loc):  # a document that is neither a string nor {text}
+        return APIError(
+            422,
+            "invalid_request",
+            f"{field}: a document must be a string or an object with a 'text' string.",
+            field=field,
+        )
+    if first.get("type") == "json_invalid":
+        return APIError(
+            400,
+            "invalid_json",
+            f"The request body is not valid JSON: {first.get('msg')}.",
+        )
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        return APIError(
+            400, "invalid_request", "The request body must be a JSON object."
+        )
+    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    if len(exc.errors()) > 1:
+        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    return APIError(422, "invalid_request", message, field=field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(KaLMInputError)
+    async def _input(request: Request, exc: KaLMInputError) -> JSONResponse:
+        return error_response(
+            APIError(400, "invalid_request", str(exc), field=exc.field)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return error_response(
+            APIError(
+                exc.status_code,
+                kinds.get(exc.status_code, "http_error"),
+                str(exc.detail),
+                headers=getattr(exc, "headers", None),
+            )
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("Unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal_error", "Internal server error."))
+
+
+def json_error_bytes(status_type: str, message: str) -> bytes:
+    """A ready-encoded error body for the ASGI middleware (no FastAPI involved)."""
+    return json.dumps(error_body(status_type, message)).encode()

@@ -1,0 +1,252 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The HTTP routes: validate, call the service, shape the response. Thin."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..scores import score_from_margin
+from . import schemas as S
+from .errors import APIError
+from .service import RankOutcome, RerankService
+
+__all__ = ["router"]
+
+router = APIRouter()
+T = TypeVar("T")
+
+
+def _service(request: Request) -> RerankService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+def cancel_on_disconnect(
+    handler: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T | Response]]:
+    """Cancel the handler (and with it the engine requests) if the client leaves."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> T | Response:
+        request: Request = kwargs["raw_request"]
+        work = asyncio.ensure_future(handler(*args, **kwargs))
+        watch = asyncio.ensure_future(_wait_for_disconnect(request))
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watch.cancel()
+            return work.result()
+        work.cancel()
+        return Response(status_code=499)  # nobody is listening any more
+
+    return wrapper
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _texts(documents: list[str | S.DocumentObject]) -> list[str]:
+    return [d if isinstance(d, str) else d.text for d in documents]
+
+
+def _top(request: S.RerankRequest) -> int | None:
+    if None not in (request.top_k, request.top_n) and request.top_k != request.top_n:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"top_k ({request.top_k}) and its alias top_n ({request.top_n}) "
+            f"disagree; send one of them.",
+            field="top_n",
+        )
+    return request.top_k if request.top_k is not None else request.top_n
+
+
+async def _rank(
+    raw_request: Request,
+    request: S._RerankFields,
+    top: int | None,
+    return_margin: bool = False,
+) -> tuple[RankOutcome, list[str]]:
+    service = _service(raw_request)
+    service.check_model(request.model)
+    service.check_count(
+        len(request.documents), "documents", service.config.max_documents
+    )
+    texts = _texts(request.documents)
+    with service.admit():
+        outcome = await service.rank(
+            request.query,
+            texts,
+            request.instruction,
+            top_k=top,
+            return_margin=return_margin,
+            document_max_length=request.max_tokens_per_doc,
+        )
+    _record(raw_request, len(texts), len(outcome.truncated))
+    return outcome, texts
+
+
+def _echo(texts: list[str], index: int, wanted: bool) -> S.DocumentEcho | None:
+    return S.DocumentEcho(text=texts[index]) if wanted else None
+
+
+def _record(request: Request, pairs: int, truncated: int) -> None:
+    metrics = request.app.state.metrics
+    metrics.pairs.inc(pairs)
+    metrics.truncated.inc(truncated)
+
+
+def _meta(outcome: RankOutcome | Any) -> S.Meta:
+    warnings = []
+    if outcome.truncated:
+        warnings.append(
+            f"{len(outcome.truncated)} document(s) were truncated to the "
+            f"document length limit; see meta.truncated."
+        )
+    return S.Meta(truncated=outcome.truncated, warnings=warnings)
+
+
+def _usage(num_tokens: int) -> S.Usage:
+    return S.Usage(prompt_tokens=num_tokens, total_tokens=num_tokens)
+
+
+@router.get("/health", summary="Readiness: 200 once the engine is ready, else 503")
+async def health(raw_request: Request) -> JSONResponse:
+    service = _service(raw_request)
+    return JSONResponse(service.health(), status_code=200 if service.ready else 503)
+
+
+@router.post(
+    "/rerank",
+    response_model=S.RerankResponse,
+    response_model_exclude_none=True,
+    summary="Rank documents for a query (KaLM contract, Cohere/Jina aliases)",
+)
+@cancel_on_disconnect
+async def rerank(request: S.RerankRequest, raw_request: Request) -> S.RerankResponse:
+    service = _service(raw_request)
+    outcome, texts = await _rank(
+        raw_request, request, _top(request), request.return_margin
+    )
+    results = [
+        S.RerankResult(
+            index=r["corpus_id"],
+            score=r["score"],
+            relevance_score=r["score"],
+            margin=r.get("margin"),
+            document=_echo(texts, r["corpus_id"], request.return_documents),
+        )
+        for r in outcome.results
+    ]
+    return S.RerankResponse(
+        model=service.config.model,
+        results=results,
+        meta=_meta(outcome),
+        usage=_usage(outcome.num_tokens),
+    )
+
+
+@router.post(
+    "/v1/rerank",
+    response_model=S.JinaRerankResponse,
+    response_model_exclude_none=True,
+    summary="Jina-compatible rerank",
+)
+@cancel_on_disconnect
+async def rerank_jina(
+    request: S.JinaRerankRequest, raw_request: Request
+) -> S.JinaRerankResponse:
+    service = _service(raw_request)
+    outcome, texts = await _rank(raw_request, request, request.top_n)
+    results = [
+        S.RelevanceResult(
+            index=r["corpus_id"],
+            relevance_score=r["score"],
+            document=_echo(texts, r["corpus_id"], request.return_documents),
+        )
+        for r in outcome.results
+    ]
+    return S.JinaRerankResponse(
+        model=request.model or service.config.model,
+        usage=_usage(outcome.num_tokens),
+        results=results,
+        meta=_meta(outcome),
+    )
+
+
+@router.post(
+    "/v2/rerank",
+    response_model=S.CohereRerankResponse,
+    response_model_exclude_none=True,
+    summary="Cohere v2-compatible rerank",
+)
+@cancel_on_disconnect
+async def rerank_cohere(
+    request: S.CohereRerankRequest, raw_request: Request
+) -> S.CohereRerankResponse:
+    outcome, texts = await _rank(raw_request, request, request.top_n)
+    results = [
+        S.RelevanceResult(
+            index=r["corpus_id"],
+            relevance_score=r["score"],
+            document=_echo(texts, r["corpus_id"], request.return_documents),
+        )
+        for r in outcome.results
+    ]
+    meta = _meta(outcome)
+    return S.CohereRerankResponse(
+        id=str(uuid.uuid4()),
+        results=results,
+        meta=S.CohereMeta(
+            billed_units=S.CohereBilledUnits(search_units=1),
+            tokens=S.CohereTokens(input_tokens=outcome.num_tokens),
+            warnings=meta.warnings,
+            truncated=meta.truncated,
+        ),
+    )
+
+
+@router.post(
+    "/score",
+    response_model=S.ScoreResponse,
+    response_model_exclude_none=True,
+    summary="Score (query, document) pairs in input order",
+)
+@cancel_on_disconnect
+async def score(request: S.ScoreRequest, raw_request: Request) -> S.ScoreResponse:
+    service = _service(raw_request)
+    service.check_model(request.model)
+    service.check_count(len(request.pairs), "pairs", service.config.max_pairs)
+    with service.admit():
+        scored = await service.score(
+            [(p.query, p.document) for p in request.pairs], request.instruction
+        )
+    _record(raw_request, len(request.pairs), len(scored.truncated))
+    results = [
+        S.ScoreResult(
+            index=i,
+            score=score_from_margin(m),
+            id=pair.id,
+            margin=m if request.return_margin else None,
+        )
+        for i, (pair, m) in enumerate(zip(request.pairs, scored.margins, strict=True))
+    ]
+    return S.ScoreResponse(
+        model=service.config.model,
+        results=results,
+        meta=_meta(scored),
+        usage=_usage(scored.num_tokens),
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(raw_request: Request) -> Response:
+    body = raw_request.app.state.metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,213 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Request and response models of the HTTP service.
+
+Three wire shapes share one scoring core:
+
+* ``/rerank`` and ``/score``: the KaLM adapter's contract (``top_k``, ``index``,
+  ``score``, ``margin``), also accepting what Cohere/Jina-style clients send to
+  the same route (``top_n``, ``model``, ``{"text": ...}`` documents,
+  ``return_documents``) and returning ``relevance_score`` beside ``score``;
+* ``/v1/rerank``: Jina's shape; ``/v2/rerank``: Cohere v2's shape.
+
+Unknown request fields are ignored (clients add their own), types are strict
+(no silent ``"3"`` -> ``3``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+__all__ = [
+    "CohereRerankRequest",
+    "CohereRerankResponse",
+    "DocumentObject",
+    "JinaRerankRequest",
+    "JinaRerankResponse",
+    "RerankRequest",
+    "RerankResponse",
+    "ScorePair",
+    "ScoreRequest",
+    "ScoreResponse",
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DocumentObject(BaseModel):
+    """A document given as an object; fields besides ``text`` are ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    text: StrictStr = Field(description="The document text.")
+
+
+Document = Annotated[
+    StrictStr | DocumentObject,
+    Field(description='A document: a string, or an object {"text": ...}.'),
+]
+
+
+class _RerankFields(_Request):
+    model: StrictStr | None = Field(
+        None, description="Checked against the served model names when given."
+    )
+    query: StrictStr = Field(description="The search query.")
+    documents: list[Document] = Field(
+        min_length=1, description="Documents to rank (strings or {text} objects)."
+    )
+    instruction: StrictStr | None = Field(
+        None, description="Task instruction for this request (default: the server's)."
+    )
+    max_tokens_per_doc: int | None = Field(
+        None,
+        ge=1,
+        description="Cut each document to this many encoder tokens (the "
+        '"<Document>: " prefix counts), never beyond the server limit.',
+    )
+
+
+class RerankRequest(_RerankFields):
+    """``POST /rerank``: the KaLM contract plus the Cohere/Jina aliases."""
+
+    top_k: int | None = Field(
+        None, ge=0, description="Keep the best k results (0: none; null: all)."
+    )
+    top_n: int | None = Field(None, ge=0, description="Alias of top_k.")
+    return_margin: bool = Field(
+        False, description="Also return margin = yes_logit - no_logit."
+    )
+    return_documents: bool = Field(
+        False, description="Echo each document's text in its result."
+    )
+
+
+class JinaRerankRequest(_RerankFields):
+    """``POST /v1/rerank``, Jina-compatible."""
+
+    top_n: int | None = Field(
+        None, ge=1, description="Keep the best n results (null: all)."
+    )
+    return_documents: bool = Field(True, description="Echo the documents.")
+
+
+class CohereRerankRequest(_RerankFields):
+    """``POST /v2/rerank``, Cohere v2-compatible."""
+
+    top_n: int | None = Field(
+        None, ge=1, description="Keep the best n results (null: all)."
+    )
+    return_documents: bool = Field(
+        False, description="Extension: echo the documents (Cohere v2 never does)."
+    )
+
+
+class ScorePair(_Request):
+    query: StrictStr = Field(description="The search query.")
+    document: StrictStr = Field(description="The document.")
+    id: Any = Field(None, description="Echoed back in the result when given.")
+
+
+class ScoreRequest(_Request):
+    """``POST /score``: pairs scored in input order."""
+
+    model: StrictStr | None = Field(None, description="Checked when given.")
+    pairs: list[ScorePair] = Field(min_length=1, description="(query, document) pairs.")
+    instruction: StrictStr | None = Field(None, description="Task instruction.")
+    return_margin: bool = Field(False, description="Also return the margin.")
+
+
+# --- responses -----------------------------------------------------------------------
+class DocumentEcho(_Response):
+    text: str
+
+
+class Meta(_Response):
+    truncated: list[int] = Field(
+        description="Indices of documents cut to the document length limit."
+    )
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Usage(_Response):
+    prompt_tokens: int = Field(description="Decoder plus encoder tokens scored.")
+    total_tokens: int
+
+
+class RerankResult(_Response):
+    index: int
+    score: float = Field(description="P(yes) = sigmoid(margin).")
+    relevance_score: float = Field(description="Same as score (Cohere/Jina name).")
+    margin: float | None = None
+    document: DocumentEcho | None = None
+
+
+class RerankResponse(_Response):
+    object: str = "rerank"
+    model: str
+    results: list[RerankResult]
+    meta: Meta
+    usage: Usage
+
+
+class ScoreResult(_Response):
+    index: int
+    score: float
+    id: Any = None
+    margin: float | None = None
+
+
+class ScoreResponse(_Response):
+    object: str = "score"
+    model: str
+    results: list[ScoreResult]
+    meta: Meta
+    usage: Usage
+
+
+class RelevanceResult(_Response):
+    """A result as Jina and Cohere shape it."""
+
+    index: int
+    relevance_score: float
+    document: DocumentEcho | None = None
+
+
+class JinaRerankResponse(_Response):
+    model: str
+    usage: Usage
+    results: list[RelevanceResult]
+    meta: Meta
+
+
+class CohereApiVersion(_Response):
+    version: str = "2"
+
+
+class CohereBilledUnits(_Response):
+    search_units: int
+
+
+class CohereTokens(_Response):
+    input_tokens: int
+    output_tokens: int = 0
+
+
+class CohereMeta(_Response):
+    api_version: CohereApiVersion = Field(default_factory=CohereApiVersion)
+    billed_units: CohereBilledUnits
+    tokens: CohereTokens
+    warnings: list[str] = Field(default_factory=list)
+    truncated: list[int] = Field(default_factory=list)
+
+
+class CohereRerankResponse(_Response):
+    id: str
+    results: list[RelevanceResult]
+    meta: CohereMeta

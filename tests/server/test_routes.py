@@ -1,0 +1,378 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every route of ``kalm-vllm-serve`` over real HTTP, against the in-process reranker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
+from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
+from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
+from tests.helpers import MARGIN_ATOL, QUERY
+from tests.server.conftest import RunningServer
+
+pytestmark = pytest.mark.server
+
+DOCS = [
+    "The capital of China is Beijing.",
+    "Gravity attracts bodies toward one another.",
+    "",
+    "北京是中国的首都",
+    synthetic_text(60, seed=8),
+]
+INSTRUCTION = "Given a web search query, retrieve passages that answer the query."
+
+
+def _expected(
+    engine: KaLMVLLMReranker,
+    query: str,
+    docs: list[str],
+    instruction: str | None = None,
+) -> list[float]:
+    return engine.margins([(query, d) for d in docs], instruction=instruction)
+
+
+def test_health_reports_settings(http: httpx.Client) -> None:
+    body = http.get("/health").json()
+    assert body["status"] == "ok" and body["dtype"] == "float32"
+    assert body["encoder_chunk_size"] == 4 and body["document_max_length"] == 1024
+    assert body["limits"]["max_documents"] >= 1000
+
+
+def test_rerank_matches_the_offline_reranker(
+    http: httpx.Client, engine: KaLMVLLMReranker
+) -> None:
+    response = http.post(
+        "/rerank", json={"query": QUERY, "documents": DOCS, "return_margin": True}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "rerank"
+    expected = _expected(engine, QUERY, DOCS)
+    margins = [r["margin"] for r in body["results"]]
+    assert margins == sorted(margins, reverse=True)
+    assert sorted(r["index"] for r in body["results"]) == list(range(len(DOCS)))
+    for result in body["results"]:
+        assert abs(result["margin"] - expected[result["index"]]) <= MARGIN_ATOL
+        assert result["relevance_score"] == result["score"]
+        assert "document" not in result
+    assert body["meta"]["truncated"] == [] and body["usage"]["prompt_tokens"] > 0
+
+
+def test_rerank_accepts_cohere_and_jina_fields(
+    http: httpx.Client, engine: KaLMVLLMReranker
+) -> None:
+    payload = {
+        "model": "tiny",
+        "query": QUERY,
+        "top_n": 2,
+        "return_documents": True,
+        "documents": [{"text": d, "meta": "ignored"} for d in DOCS[:3]],
+        "instruction": INSTRUCTION,
+    }
+    body = http.post("/rerank", json=payload).json()
+    expected = _expected(engine, QUERY, DOCS[:3], INSTRUCTION)
+    best = sorted(range(3), key=lambda i: -expected[i])[:2]
+    assert [r["index"] for r in body["results"]] == best
+    assert [r["document"]["text"] for r in body["results"]] == [DOCS[i] for i in best]
+    assert "margin" not in body["results"][0]
+    assert (
+        http.post("/rerank", json={**payload, "top_n": None, "top_k": 0}).json()[
+            "results"
+        ]
+        == []
+    )
+    assert (
+        len(http.post("/rerank", json={**payload, "top_n": 50}).json()["results"]) == 3
+    )
+
+
+def test_score_keeps_input_order_and_echoes_ids(
+    http: httpx.Client, engine: KaLMVLLMReranker
+) -> None:
+    pairs = [
+        {"query": QUERY, "document": DOCS[0], "id": "positive"},
+        {"query": "other query", "document": DOCS[1]},
+        {"query": QUERY, "document": DOCS[3], "id": 42},
+    ]
+    body = http.post("/score", json={"pairs": pairs, "return_margin": True}).json()
+    assert body["object"] == "score"
+    assert [r["index"] for r in body["results"]] == [0, 1, 2]
+    assert [r.get("id") for r in body["results"]] == ["positive", None, 42]
+    expected = engine.margins([(p["query"], p["document"]) for p in pairs])
+    for result, margin in zip(body["results"], expected, strict=True):
+        assert abs(result["margin"] - margin) <= MARGIN_ATOL
+
+
+def test_jina_route(http: httpx.Client, engine: KaLMVLLMReranker) -> None:
+    body = http.post(
+        "/v1/rerank",
+        json={"model": "tiny", "query": QUERY, "documents": DOCS[:3], "top_n": 2},
+    ).json()
+    expected = _expected(engine, QUERY, DOCS[:3])
+    assert [r["index"] for r in body["results"]] == sorted(
+        range(3), key=lambda i: -expected[i]
+    )[:2]
+    assert body["results"][0]["document"]["text"] == DOCS[body["results"][0]["index"]]
+    assert set(body) >= {"model", "usage", "results"}
+
+
+def test_cohere_sdk_works_unchanged(
+    server: RunningServer, engine: KaLMVLLMReranker
+) -> None:
+    import cohere
+
+    client = cohere.ClientV2(
+        api_key="unused",
+        base_url=server.url,
+        httpx_client=httpx.Client(trust_env=False, timeout=120),
+    )
+    response = client.rerank(
+        model="tiny", query=QUERY, documents=DOCS[:3], top_n=3, max_tokens_per_doc=4096
+    )
+    expected = [score_from_margin(m) for m in _expected(engine, QUERY, DOCS[:3])]
+    assert [r.index for r in response.results] == sorted(
+        range(3), key=lambda i: -expected[i]
+    )
+    for result in response.results:
+        assert result.relevance_score == pytest.approx(expected[result.index], abs=1e-6)
+    assert response.meta is not None and response.meta.tokens.input_tokens > 0
+
+
+def test_long_documents_are_truncated_and_reported(http: httpx.Client) -> None:
+    docs = ["short", synthetic_text(1500, seed=3), "also short"]
+    body = http.post("/rerank", json={"query": QUERY, "documents": docs}).json()
+    assert body["meta"]["truncated"] == [1]
+    assert "truncated" in body["meta"]["warnings"][0]
+    cut = http.post(
+        "/v2/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 3}
+    ).json()
+    assert cut["meta"]["truncated"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "route,payload,status,field",
+    [
+        ("/rerank", b"{not json", 400, None),
+        ("/rerank", [1, 2], 400, None),
+        ("/rerank", {"documents": ["a"]}, 422, "query"),
+        ("/rerank", {"query": "q", "documents": []}, 422, "documents"),
+        ("/rerank", {"query": "q", "documents": ["a", 3]}, 422, "documents.1"),
+        ("/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422, "documents.0"),
+        ("/rerank", {"query": 5, "documents": ["a"]}, 422, "query"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": -1}, 422, "top_k"),
+        ("/rerank", {"query": "q", "documents": ["a"], "top_k": "2"}, 422, "top_k"),
+        (
+            "/rerank",
+            {"query": "q", "documents": ["a"], "top_k": 1, "top_n": 2},
+            400,
+            "top_n",
+        ),
+        ("/rerank", {"query": "q", "documents": ["a"], "model": "gpt-4"}, 404, "model"),
+        (
+            "/rerank",
+            {"query": "q", "documents": ["a"], "instruction": 7},
+            422,
+            "instruction",
+        ),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+        ("/v2/rerank", {"query": "q", "documents": "a"}, 422, "documents"),
+        ("/score", {"pairs": []}, 422, "pairs"),
+        ("/score", {"pairs": [{"query": "q"}]}, 422, "pairs.0.document"),
+        (
+            "/score",
+            {"pairs": [{"query": "q", "document": None}]},
+            422,
+            "pairs.0.document",
+        ),
+    ],
+    ids=[
+        "bad-json",
+        "not-object",
+        "no-query",
+        "no-documents",
+        "int-document",
+        "doc-without-text",
+        "int-query",
+        "negative-top-k",
+        "string-top-k",
+        "top-k-top-n-disagree",
+        "unknown-model",
+        "int-instruction",
+        "cohere-top-n-0",
+        "documents-not-list",
+        "no-pairs",
+        "pair-without-document",
+        "null-document",
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(
+    http: httpx.Client, route: str, payload: object, status: int, field: str | None
+) -> None:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    response = http.post(
+        route, content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    assert error.get("field") == field
+    # and the server still answers the next good request
+    assert (
+        http.post("/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
+    )
+
+
+def test_metrics_count_requests_pairs_and_passage_reuse(http: httpx.Client) -> None:
+    docs = [synthetic_text(30, seed=700 + i) for i in range(6)]
+
+    def scrape() -> dict[str, float]:
+        values = {}
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith("kalm_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    http.post("/rerank", json={"query": "first", "documents": docs})
+    http.post("/rerank", json={"query": "second", "documents": docs})
+    after = scrape()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta["kalm_passages_encoded_total"] == 6
+    assert delta["kalm_passages_reused_total"] == 6
+    assert delta["kalm_pairs_scored_total"] == 12
+    assert delta['kalm_http_requests_total{code="200",route="/rerank"}'] == 2
+    assert (
+        'kalm_http_request_duration_seconds_bucket{le="0.005",route="/rerank"}' in after
+    )
+
+
+def test_openapi_docs_are_served(http: httpx.Client) -> None:
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/rerank", "/score", "/v1/rerank", "/v2/rerank", "/health"} <= set(paths)
+
+
+def test_concurrent_clients_are_batched_and_none_is_lost(
+    server: RunningServer, engine: KaLMVLLMReranker
+) -> None:
+    """32 clients x 10 requests; reports the concurrent and sequential wall times."""
+    requests = [
+        (f"query {c} {r}", [DOCS[(c + r) % 5], synthetic_text(20, seed=c)])
+        for c in range(32)
+        for r in range(10)
+    ]
+    expected = {q: _expected(engine, q, docs) for q, docs in requests}
+
+    def send(client: httpx.Client, item: tuple[str, list[str]]) -> tuple[str, dict]:
+        query, docs = item
+        response = client.post(
+            "/rerank", json={"query": query, "documents": docs, "return_margin": True}
+        )
+        assert response.status_code == 200, response.text
+        return query, response.json()
+
+    with httpx.Client(
+        base_url=server.url,
+        trust_env=False,
+        timeout=300,
+        limits=httpx.Limits(max_connections=32),
+    ) as client:
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda item: send(client, item), requests))
+        concurrent_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for item in requests:
+            send(client, item)
+        sequential_seconds = time.perf_counter() - started
+    assert len(results) == 320
+    for query, body in results:
+        for result in body["results"]:
+            assert (
+                abs(result["margin"] - expected[query][result["index"]]) <= MARGIN_ATOL
+            )
+    print(
+        f"\n320 requests: concurrent (32 clients) {concurrent_seconds:.2f}s, "
+        f"sequential {sequential_seconds:.2f}s"
+    )
+    assert concurrent_seconds < sequential_seconds
+
+
+# --- kalm-vllm-client against the same server -------------------------------------
+def _client(
+    server: RunningServer, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    from kalm_t5gemma2_vllm_plugin import client
+
+    code = client.main(["--base-url", server.url, *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_client_health_and_demo_payloads(
+    server: RunningServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Requests go to the given host only: proxy variables are ignored.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    code, out, _ = _client(server, capsys, "--health")
+    assert code == 0 and json.loads(out)["status"] == "ok"
+    code, out, _ = _client(server, capsys, "--return-margin", "--top-k", "1")
+    results = json.loads(out)["results"]
+    assert code == 0 and len(results) == 1 and "margin" in results[0]
+    code, out, _ = _client(server, capsys, "--endpoint", "score")
+    assert code == 0
+    assert [r["id"] for r in json.loads(out)["results"]] == ["positive", "negative"]
+
+
+def test_client_sends_the_example_files(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_examples import ROOT
+
+    code, out, _ = _client(
+        server, capsys, "--json-file", str(ROOT / "examples" / "rerank_request.json")
+    )
+    assert code == 0 and len(json.loads(out)["results"]) == 2
+    code, out, _ = _client(
+        server,
+        capsys,
+        "--endpoint",
+        "score",
+        "--json-file",
+        str(ROOT / "examples" / "score_request.json"),
+    )
+    assert code == 0 and json.loads(out)["results"][0]["id"] == "positive"
+
+
+def test_client_exits_non_zero_with_the_server_message(
+    server: RunningServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"query": "q", "documents": []}))
+    code, out, err = _client(server, capsys, "--json-file", str(bad))
+    assert code == 1 and out == ""
+    assert "HTTP 422" in err and "documents: List should have at least 1 item" in err
+    code, _, err = _client(
+        server,
+        capsys,
+        "--api-key",
+        "x",
+        "--timeout",
+        "5",
+        "--endpoint",
+        "score",
+        "--json-file",
+        str(bad),
+    )
+    assert code == 1 and "HTTP 422" in err and "pairs" in err
