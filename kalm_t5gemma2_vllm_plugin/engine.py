@@ -26,6 +26,7 @@ __all__ = [
     "SUPPORTED_VLLM",
     "EngineSetup",
     "check_vllm_runtime",
+    "default_dtype",
     "engine_kwargs",
     "prepare_engine",
 ]
@@ -63,6 +64,13 @@ def check_vllm_runtime() -> None:
         )
 
 
+def default_dtype() -> str:
+    """bf16 on CUDA, float32 elsewhere (as the reference reranker)."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def engine_kwargs(
     model_path: str,
     settings: EngineSettings,
@@ -82,7 +90,7 @@ def engine_kwargs(
         runner="pooling",
         # Our model is not torch.compile'd and has no CUDA-graph-able decoder step.
         enforce_eager=True,
-        dtype=dtype or ("float32" if on_cpu else "bfloat16"),
+        dtype=dtype or default_dtype(),
         max_model_len=max_model_len,
         max_num_seqs=batch_size,
         hf_overrides=settings.hf_overrides(),
@@ -94,8 +102,23 @@ def engine_kwargs(
         kwargs["gpu_memory_utilization"] = DEFAULT_GPU_MEMORY_UTILIZATION
     if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         kwargs["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+    if on_cpu and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        _keep_torch_threads()
     kwargs.update(extra)
     return kwargs
+
+
+def _keep_torch_threads() -> None:
+    """An in-process CPU engine runs the model in this process: keep its threads.
+
+    vLLM otherwise drops the process to one torch thread "for serving" (it
+    expects a separate front-end process); it leaves them alone when
+    OMP_NUM_THREADS is set, so set it to the current count if the user did not.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 @dataclass

@@ -20,18 +20,11 @@ built and its weights are never read.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pad_sequence
-from transformers import initialization
-from transformers.models.t5gemma2.modeling_t5gemma2 import (
-    T5Gemma2Decoder,
-    T5Gemma2TextEncoder,
-)
 from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import (
@@ -41,10 +34,9 @@ from vllm.model_executor.models.interfaces import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .constants import NO_TOKEN_ID, PAD_TOKEN_ID, PASSAGE_MODALITY, YES_TOKEN_ID
+from .constants import PASSAGE_MODALITY
 from .counters import EngineCounters
 from .pooler import KaLMYesNoPooler
-from .pooling import mep_pool
 from .processing import (
     IDS_FIELD,
     SCORE_IDS_KEY,
@@ -55,16 +47,15 @@ from .processing import (
 )
 from .prompting import pack_score_text
 from .settings import EngineSettings
+from .t5gemma2 import (
+    build_decoder,
+    build_encoder,
+    checkpoint_target,
+    encode_passages,
+    score_requests,
+)
 
 __all__ = ["KaLMT5Gemma2Reranker"]
-
-_SKIPPED_PREFIXES = (
-    "lm_head.",  # tied to the embedding; only two rows are ever needed
-    "model.decoder.embed_tokens.",  # tied copy of the encoder embedding
-    "model.encoder.vision_tower.",
-    "model.encoder.multi_modal_projector.",
-    "model.encoder.text_model.vision_tower.",
-)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -83,27 +74,17 @@ class KaLMT5Gemma2Reranker(
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = copy.deepcopy(vllm_config.model_config.hf_config)
+        config = vllm_config.model_config.hf_config
         self.settings = EngineSettings.from_hf_config(config)
-        config._attn_implementation = "sdpa"  # propagates to the sub-configs
-        config.is_encoder_decoder = True
-        decoder_config = config.decoder
-        assert decoder_config.hidden_size == config.encoder.text_config.hidden_size
-        self.softcap = decoder_config.final_logit_softcapping
-        self.hidden_size = decoder_config.hidden_size
-
-        with initialization.no_init_weights():  # the checkpoint overwrites them
-            self.decoder = T5Gemma2Decoder(decoder_config, config.eoi_token_index)
-            self.encoder = None
-            if not self.settings.decoder_only:
-                self.encoder = T5Gemma2TextEncoder(
-                    config.encoder.text_config, config.eoi_token_index
-                )
-                # One embedding table for encoder, decoder and LM head.
-                self.encoder.embed_tokens = self.decoder.embed_tokens
-        self.decoder.eval()
-        if self.encoder is not None:
-            self.encoder.eval()
+        self.softcap = config.decoder.final_logit_softcapping
+        self.hidden_size = config.decoder.hidden_size
+        self.decoder = build_decoder(config)
+        # One embedding table (on the decoder) for encoder, decoder and LM head.
+        self.encoder = (
+            None
+            if self.settings.decoder_only
+            else build_encoder(config, self.decoder.embed_tokens)
+        )
         self.pooler = KaLMYesNoPooler(self.score_requests)
         # Read by the reranker and the server from their own process.
         self.counters = EngineCounters(self.settings.counters_path)
@@ -138,18 +119,11 @@ class KaLMT5Gemma2Reranker(
             return [s.to(self._dtype) for s in states]
         passages = _as_list(kwargs[IDS_FIELD])
         assert self.encoder is not None, "decoder-only engines accept only states"
-        lengths = torch.tensor([len(p) for p in passages])
-        ids = pad_sequence(passages, batch_first=True, padding_value=PAD_TOKEN_ID)
-        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).to(
-            ids.device, torch.long
-        )
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled, pooled_mask = mep_pool(hidden, mask, self.settings.chunk_size)
-        rows = pooled_mask.sum(1).tolist()  # right padding: valid chunks come first
         self.counters.add(
-            passages_encoded=len(passages), passage_tokens_encoded=int(lengths.sum())
+            passages_encoded=len(passages),
+            passage_tokens_encoded=sum(len(p) for p in passages),
         )
-        return [pooled[i, :n] for i, n in enumerate(rows)]
+        return encode_passages(self.encoder, passages, self.settings.chunk_size)
 
     def embed_input_ids(
         self,
@@ -185,44 +159,12 @@ class KaLMT5Gemma2Reranker(
         return inputs_embeds
 
     # --- the decoder pass ---------------------------------------------------------
-    @torch.inference_mode()
     def score_requests(
         self, passages: list[torch.Tensor], prompts: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Margins ``yes_logit - no_logit`` (float32) for a batch of requests.
-
-        Args:
-            passages: per request, pooled passage states ``[C_i, d]``.
-            prompts: per request, decoder prompt ids ``[T_i]`` (CPU).
-        """
-        device = self._device
-        num = len(prompts)
-        dec_lens = torch.tensor([len(p) for p in prompts])
-        dec_ids = pad_sequence(prompts, batch_first=True, padding_value=PAD_TOKEN_ID)
-        dec_mask = torch.arange(dec_ids.shape[1]) < dec_lens[:, None]  # [B, T]
-        enc_lens = torch.tensor([len(p) for p in passages])
-        max_rows = max(1, int(enc_lens.max()))
-        states = torch.zeros(
-            num, max_rows, self.hidden_size, dtype=self._dtype, device=device
-        )  # [B, C, d]
-        for i, passage in enumerate(passages):
-            states[i, : len(passage)] = passage
-        enc_mask = torch.arange(max_rows) < enc_lens[:, None]  # [B, C]
-
-        hidden = self.decoder(
-            input_ids=dec_ids.to(device),
-            attention_mask=dec_mask.to(device, torch.long),
-            encoder_hidden_states=states,
-            encoder_attention_mask=enc_mask.to(device, torch.long),
-        ).last_hidden_state  # [B, T, d]
-        last = hidden[torch.arange(num, device=device), (dec_lens - 1).to(device)]
-        # Tied LM head, yes and no rows only, in float32.
-        head = self.decoder.embed_tokens.weight[[YES_TOKEN_ID, NO_TOKEN_ID]]
-        logits = last.float() @ head.float().T  # [B, 2]
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        self.counters.add(requests_scored=num)
-        return logits[:, 0] - logits[:, 1]
+        """Margins (float32) for a batch; see ``t5gemma2.score_requests``."""
+        self.counters.add(requests_scored=len(prompts))
+        return score_requests(self.decoder, passages, prompts, self.softcap)
 
     # --- weights -------------------------------------------------------------------
     def is_unused_checkpoint_weight(self, name: str) -> bool:
@@ -247,21 +189,12 @@ class KaLMT5Gemma2Reranker(
         return loaded
 
     def _target_name(self, name: str) -> str | None:
-        """Our parameter for a checkpoint tensor, or None when it is not needed.
-
-        Accepts both key layouts: on disk (``model.encoder.layers...``) and the
-        in-memory one of Transformers 5 (``model.encoder.text_model.layers...``).
-        """
-        if name.startswith(_SKIPPED_PREFIXES):
-            return None
-        if name.startswith("model.decoder."):
-            return "decoder." + name.removeprefix("model.decoder.")
-        if name.startswith("model.encoder."):
-            rest = name.removeprefix("model.encoder.").removeprefix("text_model.")
-            if rest.startswith("embed_tokens."):
-                return "decoder." + rest  # the shared table lives on the decoder
-            return None if self.encoder is None else "encoder." + rest
-        return None
+        return checkpoint_target(
+            name,
+            encoder_prefix=None if self.encoder is None else "encoder.",
+            embedding="decoder.embed_tokens",
+            decoder_prefix="decoder.",
+        )
 
     # --- helpers ----------------------------------------------------------------
     @property

@@ -112,10 +112,11 @@ class KaLMReranker(MarginReranker):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.yes_token_id, self.no_token_id = check_yes_no_tokens(self.tokenizer)
 
+        # Built in the target dtype, buffers included: loading a bf16 checkpoint
+        # first and casting only the parameters would leave the embedding scale
+        # sqrt(hidden) rounded to bf16 in a float32 model.
+        model_kwargs.setdefault("dtype", self.dtype)
         model = T5Gemma2ForConditionalGeneration.from_pretrained(path, **model_kwargs)
-        for param in model.parameters():  # parameters only; buffers keep their dtype
-            if param.is_floating_point():
-                param.data = param.data.to(self.dtype)
         self.model = model.to(self.device).eval()
 
     def margins(

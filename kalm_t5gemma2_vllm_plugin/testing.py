@@ -29,10 +29,12 @@ from . import constants as C
 
 __all__ = [
     "PRESETS",
+    "QWEN3_PRESETS",
     "TOKENIZER_VOCAB_SIZE",
     "build_config",
     "build_tokenizer",
     "make_checkpoint",
+    "make_cross_encoder_checkpoint",
     "synthetic_text",
 ]
 
@@ -155,7 +157,7 @@ def _english_words() -> list[str]:
     return list(words)
 
 
-def _word_pieces() -> list[str]:
+def _word_pieces(extra_words: tuple[str, ...] = ()) -> list[str]:
     """Pieces for every word of the prompt template and of the word list."""
     template_text = " ".join(
         [
@@ -165,7 +167,8 @@ def _word_pieces() -> list[str]:
             "Given a web search query, retrieve passages that answer the query.",
         ]
     )
-    words = [w.strip('.,:"?<>') for w in template_text.split()] + _english_words()
+    words = [w.strip('.,:"?<>') for w in template_text.split()]
+    words += list(extra_words) + _english_words()
     pieces: list[str] = []
     for word in dict.fromkeys(w for w in words if w):
         for form in dict.fromkeys((word, word.capitalize())):
@@ -173,67 +176,83 @@ def _word_pieces() -> list[str]:
     return pieces
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A Gemma-like fast tokenizer with real ids for the tokens KaLM depends on.
+def _unigram_tokenizer(
+    fixed_ids: dict[str, int],
+    special_tokens: list[str],
+    vocab_size: int,
+    *,
+    bos_token: str | None,
+    extra_words: tuple[str, ...] = (),
+    **token_roles: str,
+) -> PreTrainedTokenizerFast:
+    """A unigram tokenizer over whole words, ASCII characters and byte pieces.
 
-    A unigram model over whole words, ASCII characters and byte-fallback
-    pieces: any Unicode text tokenizes and decodes back unchanged, common
-    English words are one token each, and ``<bos>`` is prepended only when
-    ``add_special_tokens=True``, as Gemma's tokenizer does.
+    ``fixed_ids`` pins the ids of the tokens a model depends on; everything
+    else fills the free ids. The fewest pieces win, so every listed word is one
+    token, and byte fallback makes any Unicode text encodable and lossless.
     """
-    vocab: dict[str, float] = {}
-    ids: dict[str, int] = dict(_FIXED_IDS)
-    free = iter(i for i in range(TOKENIZER_VOCAB_SIZE) if i not in set(ids.values()))
+    ids: dict[str, int] = dict(fixed_ids)
+    taken = set(ids.values())
+    free = iter(i for i in range(vocab_size) if i not in taken)
     pieces = [f"<0x{b:02X}>" for b in range(256)]
     pieces += [_SPACE] + [chr(c) for c in range(33, 127)]
-    pieces += [p.replace(" ", _SPACE) for p in _PUNCTUATION + _word_pieces()]
+    pieces += [p.replace(" ", _SPACE) for p in _PUNCTUATION + _word_pieces(extra_words)]
     for piece in pieces:
         if piece not in ids:
             ids[piece] = next(free)
     for i in free:
         ids[f"<unused{i}>"] = i
     by_id = sorted(ids.items(), key=lambda kv: kv[1])
-    assert [i for _, i in by_id] == list(range(TOKENIZER_VOCAB_SIZE))
-    for piece, _ in by_id:
-        # Fewest pieces wins; fillers are never chosen over real pieces.
-        vocab[piece] = (
-            -1e6 if piece.startswith("<unused") else -1.0 - 0.5 * (len(piece) == 1)
-        )
-
-    tok = Tokenizer(
-        models.Unigram(list(vocab.items()), unk_id=C.UNK_TOKEN_ID, byte_fallback=True)
-    )
+    assert [i for _, i in by_id] == list(range(vocab_size))
+    # Fewest pieces wins; fillers are never chosen over real pieces.
+    vocab = [
+        (piece, -1e6 if piece.startswith("<unused") else -1.0 - 0.5 * (len(piece) == 1))
+        for piece, _ in by_id
+    ]
+    unk = fixed_ids.get("<unk>", fixed_ids[special_tokens[0]])
+    tok = Tokenizer(models.Unigram(vocab, unk_id=unk, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", _SPACE)
     tok.decoder = decoders.Sequence(
         [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A",
-        pair="<bos> $A $B:1",
-        special_tokens=[("<bos>", C.BOS_TOKEN_ID)],
-    )
+    if bos_token is not None:  # Gemma prepends <bos> with add_special_tokens=True
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A $B:1",
+            special_tokens=[(bos_token, fixed_ids[bos_token])],
+        )
+    roles = {f"{role}_token": token for role, token in token_roles.items()}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
+        bos_token=bos_token,
         padding_side="right",
         model_max_length=131072,
+        **roles,
     )
-    fast.add_special_tokens(
-        {
-            "additional_special_tokens": [
-                "[multimodal]",
-                "<start_of_turn>",
-                "<end_of_turn>",
-            ]
-        }
-    )
-    for token in _SPECIAL_TOKENS:
-        assert fast.convert_tokens_to_ids(token) == _FIXED_IDS[token], token
+    others = [t for t in special_tokens if t not in (bos_token, *roles.values())]
+    fast.add_special_tokens({"additional_special_tokens": others})
+    for token in special_tokens:
+        assert fast.convert_tokens_to_ids(token) == fixed_ids[token], token
     return fast
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A Gemma-like fast tokenizer with real ids for the tokens KaLM depends on.
+
+    Any Unicode text tokenizes and decodes back unchanged, common English words
+    are one token each, and ``<bos>`` is prepended only when
+    ``add_special_tokens=True``, as Gemma's tokenizer does.
+    """
+    return _unigram_tokenizer(
+        _FIXED_IDS,
+        _SPECIAL_TOKENS,
+        TOKENIZER_VOCAB_SIZE,
+        bos_token="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        mask="<mask>",
+    )
 
 
 def build_config(preset: str = "tiny", **config_overrides: Any) -> T5Gemma2Config:
@@ -277,7 +296,9 @@ def build_config(preset: str = "tiny", **config_overrides: Any) -> T5Gemma2Confi
 
 
 @torch.no_grad()
-def _randomize(model: torch.nn.Module, hidden_size: int, seed: int) -> None:
+def _randomize(
+    model: torch.nn.Module, hidden_size: int, seed: int, norm_center: float = 0.0
+) -> None:
     """Seeded weights scaled so activations stay O(1) and margins spread over ~±5.
 
     The library's own init (zero norms, std 0.02) gives margins near 0 for every
@@ -286,7 +307,7 @@ def _randomize(model: torch.nn.Module, hidden_size: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if "norm" in name:
-            std = 0.2  # RMSNorm multiplies by (1 + weight)
+            std = 0.2  # T5Gemma2's RMSNorm multiplies by (1 + weight)
         elif name.endswith("embed_tokens.weight"):
             std = 3.0 / math.sqrt(2 * hidden_size)  # margin = h · (E[yes] − E[no])
         elif param.dim() >= 2:
@@ -294,7 +315,7 @@ def _randomize(model: torch.nn.Module, hidden_size: int, seed: int) -> None:
         else:
             std = 0.5
         values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-        param.copy_(values * std)
+        param.copy_(values * std + (norm_center if "norm" in name else 0.0))
 
 
 def make_checkpoint(
@@ -337,6 +358,90 @@ def make_checkpoint(
     _randomize(model, config.decoder.hidden_size, seed)
     model.to(dtype).save_pretrained(out)
     build_tokenizer().save_pretrained(out)
+    return out
+
+
+# Qwen3-0.6B, the base of Qwen3-Reranker-0.6B: the cross-encoder KaLM competes
+# with. The tiny variant keeps vLLM's CPU attention happy (head_dim 64).
+QWEN3_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+    ),
+    "tiny": dict(
+        vocab_size=151936,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+    ),
+}
+# Real Qwen3 ids of the tokens the reranker prompt and head depend on.
+_QWEN3_FIXED_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<think>": 151667,
+    "</think>": 151668,
+    "yes": 9693,
+    "no": 2152,
+    "\n": 198,
+    "\n\n": 271,
+}
+_QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def make_cross_encoder_checkpoint(
+    path: str | Path,
+    preset: str = "qwen3-0.6b",
+    *,
+    seed: int = 0,
+    dtype: str | torch.dtype = torch.bfloat16,
+) -> Path:
+    """A random Qwen3-Reranker-shaped checkpoint (``Qwen3ForCausalLM``) for benchmarks.
+
+    vLLM serves it as ``Qwen3ForSequenceClassification`` with its yes/no head
+    (``classifier_from_token``), like the real Qwen3-Reranker. The tokenizer
+    keeps Qwen3's ids for the chat markers and ``yes``/``no``, and makes the
+    same words single tokens as the KaLM test tokenizer, so token counts match.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(
+        **QWEN3_PRESETS[preset],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    model = Qwen3ForCausalLM(config)
+    _randomize(model, config.hidden_size, seed, norm_center=1.0)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model.to(dtype).save_pretrained(out)
+    _unigram_tokenizer(
+        _QWEN3_FIXED_IDS,
+        _QWEN3_SPECIAL,
+        151669,
+        bos_token=None,
+        extra_words=("system", "assistant"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+    ).save_pretrained(out)
     return out
 
 

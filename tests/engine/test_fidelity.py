@@ -75,3 +75,20 @@ def test_bfloat16_margin_difference_is_measured(
         f"max |margin diff| = {worst:.4f}"
     )
     assert worst < 5.0  # guards against garbage only; not a tolerance
+
+
+@pytest.mark.engine
+def test_bf16_checkpoint_in_float32_matches_reference(tmp_path: Path) -> None:
+    """Real checkpoints are stored in bf16; a float32 engine must still match.
+
+    hidden_size 48: sqrt(48) differs between bf16 and fp32, so an embedding
+    scale computed in the storage dtype would show up here.
+    """
+    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+
+    checkpoint = str(make_checkpoint(tmp_path / "bf16", dtype="bfloat16", hidden_size=48))
+    pairs = _pairs()
+    expected = KaLMReranker(checkpoint, dtype="float32").margins(pairs)
+    with KaLMVLLMReranker(checkpoint, dtype="float32") as reranker:
+        got = reranker.margins(pairs)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= MARGIN_ATOL

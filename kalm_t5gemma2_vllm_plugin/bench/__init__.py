@@ -1,0 +1,318 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``kalm-vllm-bench``: the plugin beside the reference and a cross-encoder peer.
+
+In one run on one machine, each engine in its own process: scoring throughput
+(pairs/s, median over repeats with min and max), latency per ``rank`` call,
+peak resident memory of the process holding the model, analytic FLOPs per pair
+and the achieved fraction of this machine's measured dense matmul rate.
+
+Engines:
+  reference      the Transformers reference reranker (its default batch size)
+  vllm-cold      KaLMVLLMReranker, every passage new to the engine
+  vllm-warm      the same passages again with new queries (already encoded)
+  cross-encoder  a Qwen3-Reranker-0.6B-shaped checkpoint on vLLM's own
+                 Qwen3ForSequenceClassification with its yes/no head
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .flops import Dims, kalm_flops, qwen3_flops
+from .workload import Workload
+
+__all__ = ["ENGINES", "main"]
+
+ENGINES = ("reference", "vllm-cold", "vllm-warm", "cross-encoder")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kalm-vllm-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset", default="nano", choices=["tiny", "nano", "small", "large"]
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: float32, plus bfloat16 where the hardware has it (CUDA, "
+        "AVX512-BF16 or AMX)",
+    )
+    parser.add_argument("--queries", type=int, default=4, help="Q queries per repeat")
+    parser.add_argument(
+        "--documents", type=int, default=16, help="D documents per query"
+    )
+    parser.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=256,
+        help="L: tokens per document (the '<Document>: ' prefix adds 3)",
+    )
+    parser.add_argument("--query-tokens", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch/OpenMP threads of every engine process",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "kalm_t5gemma2_vllm_plugin"
+        / "bench",
+        help="where generated checkpoints are kept between runs",
+    )
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _checkpoints(preset: str, workdir: Path, engines: Sequence[str]) -> dict[str, Path]:
+    """Generate (once) the KaLM and cross-encoder checkpoints the run needs."""
+    from ..testing import make_checkpoint, make_cross_encoder_checkpoint
+
+    paths = {"kalm": workdir / f"kalm-{preset}-seed0"}
+    qwen_preset = "tiny" if preset == "tiny" else "qwen3-0.6b"
+    paths["cross-encoder"] = workdir / f"qwen3-reranker-{qwen_preset}-seed0"
+    if not (paths["kalm"] / "tokenizer.json").is_file():
+        print(
+            f"generating the {preset} KaLM checkpoint in {paths['kalm']}",
+            file=sys.stderr,
+        )
+        make_checkpoint(paths["kalm"], preset, seed=0)
+    if (
+        "cross-encoder" in engines
+        and not (paths["cross-encoder"] / "tokenizer.json").is_file()
+    ):
+        print(f"generating the {qwen_preset} cross-encoder checkpoint", file=sys.stderr)
+        make_cross_encoder_checkpoint(paths["cross-encoder"], qwen_preset, seed=0)
+    return paths
+
+
+def _run_worker(config: dict[str, Any], threads: int) -> dict[str, Any]:
+    from .worker import RESULT_PREFIX
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kalm_t5gemma2_vllm_plugin.bench.worker",
+            json.dumps(config),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = [
+        line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)
+    ]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{config['engine']} failed (exit {done.returncode}):\n"
+            f"{done.stderr[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _dims(checkpoint: Path, kalm: bool) -> Dims:
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config["decoder"] if kalm else config
+    return Dims(
+        hidden=text["hidden_size"],
+        intermediate=text["intermediate_size"],
+        layers=text["num_hidden_layers"],
+        heads=text["num_attention_heads"],
+        kv_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"],
+        vocab=text["vocab_size"],
+        sliding_window=text.get("sliding_window"),
+    )
+
+
+def _flops(
+    engine: str, result: dict[str, Any], dims: dict[str, Dims]
+) -> dict[str, int]:
+    tokens = result["tokens"]
+    if engine == "cross-encoder":
+        return qwen3_flops(dims["cross-encoder"], tokens=tokens["prompt_tokens"])
+    return kalm_flops(
+        dims["kalm"],
+        encoder_tokens=tokens["encoder_tokens"],
+        decoder_tokens=tokens["decoder_tokens"],
+        pooled=tokens["pooled"],
+        full_vocab_head=engine == "reference",
+        encode=engine != "vllm-warm",
+    )
+
+
+def _native_bf16() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    flags: set[str] = set()
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "isa": isa,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = []
+    for dtype, run in report["runs"].items():
+        peak = run["matmul_gflops"]
+        lines += [
+            f"\n### {dtype} (dense matmul peak measured: {peak:.1f} GFLOP/s)\n",
+            "| engine | pairs/s median (min–max) | rank latency median (s) | "
+            "peak RSS (MB) | GFLOP/pair | achieved GFLOP/s | % of peak | "
+            "× reference | × cross-encoder |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        engines = run["engines"]
+        for name, result in engines.items():
+            rate = result["pairs_per_s"]
+            rel = {
+                other: rate["median"] / engines[other]["pairs_per_s"]["median"]
+                for other in ("reference", "cross-encoder")
+                if other in engines
+            }
+            lines.append(
+                f"| {name} | {rate['median']:.2f} ({rate['min']:.2f}–{rate['max']:.2f})"
+                f" | {result['rank_latency_s']['median']:.3f}"
+                f" | {result['peak_rss_mb']:.0f}"
+                f" | {result['flops_per_pair']['total'] / 1e9:.2f}"
+                f" | {result['achieved_gflops']:.1f}"
+                f" | {100 * result['fraction_of_peak']:.0f}%"
+                f" | {rel.get('reference', float('nan')):.2f}"
+                f" | {rel.get('cross-encoder', float('nan')):.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kalm-vllm-bench``."""
+    args = _parser().parse_args(argv)
+    if args.dtype is None:
+        args.dtype = ["float32", "bfloat16"] if _native_bf16() else ["float32"]
+        if len(args.dtype) == 1:
+            print(
+                "bfloat16 skipped: this CPU has no native bf16 (no AVX512-BF16 or "
+                "AMX); pass --dtype bfloat16 to measure it anyway.",
+                file=sys.stderr,
+            )
+    workload = Workload(
+        args.queries,
+        args.documents,
+        args.doc_tokens,
+        args.query_tokens,
+        args.repeats,
+        args.seed,
+    )
+    paths = _checkpoints(args.preset, args.workdir, args.engines)
+    dims = {"kalm": _dims(paths["kalm"], kalm=True)}
+    if "cross-encoder" in args.engines:
+        dims["cross-encoder"] = _dims(paths["cross-encoder"], kalm=False)
+    report: dict[str, Any] = {
+        "machine": _machine(),
+        "preset": args.preset,
+        "threads": args.threads,
+        "chunk_size": args.chunk_size,
+        "workload": workload.as_dict(),
+        "checkpoints": {k: str(v) for k, v in paths.items()},
+        "runs": {},
+    }
+    for dtype in args.dtype:
+        base = {
+            "workload": workload.as_dict(),
+            "dtype": dtype,
+            "chunk_size": args.chunk_size,
+        }
+        matmul = _run_worker({**base, "engine": "matmul"}, args.threads)
+        peak = matmul["matmul_gflops"][dtype]
+        engines: dict[str, Any] = {}
+        for engine in args.engines:
+            checkpoint = paths["cross-encoder" if engine == "cross-encoder" else "kalm"]
+            print(f"[{dtype}] {engine} ...", file=sys.stderr, flush=True)
+            result = _run_worker(
+                {**base, "engine": engine, "checkpoint": str(checkpoint)}, args.threads
+            )
+            result["flops_per_pair"] = _flops(engine, result, dims)
+            achieved = (
+                result["flops_per_pair"]["total"]
+                * result["pairs_per_s"]["median"]
+                / 1e9
+            )
+            result["achieved_gflops"] = achieved
+            result["fraction_of_peak"] = achieved / peak
+            engines[engine] = result
+        report["runs"][dtype] = {
+            "matmul_gflops": peak,
+            "matmul_all_dtypes": matmul["matmul_gflops"],
+            "engines": engines,
+        }
+    machine = report["machine"]
+    print(
+        f"## kalm-vllm-bench: preset {args.preset}, L={args.doc_tokens}, "
+        f"Q={args.queries}, D={args.documents}, chunk {args.chunk_size}, "
+        f"{args.repeats} repeats\n\n{machine['cpu']}, {machine['cores']} cores, "
+        f"{args.threads} threads, ISA {' '.join(machine['isa'])}; torch "
+        f"{machine['torch']}, vLLM {machine['vllm']}"
+    )
+    print(_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
