@@ -20,6 +20,7 @@ from .constants import (
 )
 
 if TYPE_CHECKING:
+    from .engine_prompts import DocumentId
     from .reference import KaLMReranker
     from .reranker import KaLMVLLMReranker
 
@@ -32,6 +33,7 @@ except (
 
 __all__ = [
     "ARCHITECTURE",
+    "DocumentId",
     "MODEL_ID",
     "PASSAGE_MODALITY",
     "PLUGIN_NAME",
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DocumentId": ("engine_prompts", "DocumentId"),
     "KaLMReranker": ("reference", "KaLMReranker"),
     "KaLMVLLMReranker": ("reranker", "KaLMVLLMReranker"),
     # Name used by the original KaLM vLLM adapter.

@@ -10,6 +10,8 @@ ARCHITECTURE = "KaLMT5Gemma2Reranker"
 MODEL_ID = "KaLM-Embedding/KaLM-Reranker-V1-Nano"
 #: The custom vLLM modality that carries the document to the encoder.
 PASSAGE_MODALITY = "passage"
+#: Passage item key carrying precomputed pooled states (the passage store).
+STATES_FIELD = "passage_states"
 #: Bumped whenever the prompt, truncation or pooling rules change (store keys use it).
 TEMPLATE_VERSION = "kalm-v1"
 

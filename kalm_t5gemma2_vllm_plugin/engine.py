@@ -5,8 +5,10 @@ prompt builder and the counters file."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "default_dtype",
     "engine_kwargs",
     "prepare_engine",
+    "tune_cpu_allocator",
 ]
 
 #: vLLM releases this plugin is written for: the CPU build 0.32 (tested) and the
@@ -106,6 +109,28 @@ def engine_kwargs(
         _keep_torch_threads()
     kwargs.update(extra)
     return kwargs
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed tensor memory in the heap instead of giving it back to the OS.
+
+    glibc serves every large allocation with a fresh mmap and unmaps it on free,
+    so each operator that allocates a big output (every linear, GELU and norm
+    here) pays page faults on memory it just released: measured on this
+    project's 2-core CPU, a 34 MB elementwise multiply took 25 ms instead of
+    11 ms and a gate projection 156 ms instead of 111 ms. (vLLM recommends
+    preloading tcmalloc on CPU for the same reason.) Process-wide and
+    idempotent; the cost is that the process keeps its peak memory.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def _keep_torch_threads() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_MODALITY
+from .constants import DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_MODALITY, STATES_FIELD
 from .errors import KaLMInputError
 from .pooling import pooled_length
 from .prompting import (
@@ -23,8 +23,19 @@ from .prompting import (
     format_decoder_prompt,
 )
 from .settings import EngineSettings
+from .store import PassageRecord, PassageStore
 
-__all__ = ["EnginePrompt", "PromptBuilder"]
+__all__ = ["DocumentId", "EnginePrompt", "PromptBuilder"]
+
+
+class DocumentId(str):
+    """A document given by its id in the passage store, not by its text.
+
+    Example:
+        >>> reranker.predict([("query", DocumentId("doc-17")), ("query", "raw text")])
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,16 @@ class PromptBuilder:
         instruction: str,
         *,
         document_max_length: int | None = None,
+        store: PassageStore | None = None,
     ) -> list[EnginePrompt]:
         """Engine prompts for validated pairs, in order (one tokenization per query).
 
-        ``document_max_length`` may only lower the engine's limit (per-request
-        ``max_tokens_per_doc``).
+        A ``DocumentId`` document takes its precomputed states from ``store``
+        (``KeyError`` naming unknown ids). ``document_max_length`` may only lower
+        the engine's limit for text (per-request ``max_tokens_per_doc``); stored
+        passages keep the length they were encoded with.
         """
+        stored = self._stored(pairs, store)
         limit = self.settings.document_max_length
         if document_max_length is not None:
             limit = min(limit, document_max_length)
@@ -105,15 +120,47 @@ class PromptBuilder:
                     instruction=instruction,
                     system_instruction=self.system_instruction,
                 )
-            passage = encode_document(self.tokenizer, document, limit)
+            if isinstance(document, DocumentId):
+                record, states = stored[document]
+                item: Any = {STATES_FIELD: states}
+                truncated, tokens = record.truncated, record.num_tokens
+            elif self.settings.decoder_only:
+                raise KaLMInputError(
+                    "This engine runs decoder-only (no encoder loaded): give "
+                    "documents as ids of the passage store, not as text.",
+                    field="documents",
+                )
+            else:
+                passage = encode_document(self.tokenizer, document, limit)
+                item, truncated, tokens = (
+                    passage.ids,
+                    passage.truncated,
+                    len(passage.ids),
+                )
             prompts.append(
                 EnginePrompt(
                     prompt={
                         "prompt_token_ids": decoder[query],
-                        "multi_modal_data": {PASSAGE_MODALITY: passage.ids},
+                        "multi_modal_data": {PASSAGE_MODALITY: item},
                     },
-                    truncated=passage.truncated,
-                    num_tokens=len(decoder[query]) + len(passage.ids),
+                    truncated=truncated,
+                    num_tokens=len(decoder[query]) + tokens,
                 )
             )
         return prompts
+
+    @staticmethod
+    def _stored(
+        pairs: Sequence[tuple[str, str]], store: PassageStore | None
+    ) -> dict[str, tuple[PassageRecord, Any]]:
+        ids = list(dict.fromkeys(d for _, d in pairs if isinstance(d, DocumentId)))
+        if not ids:
+            return {}
+        if store is None:
+            raise KaLMInputError(
+                "Documents given by id need a passage store (passage_store=...).",
+                field="document_ids",
+            )
+        return dict(
+            zip(ids, zip(store.records(ids), store.get(ids), strict=True), strict=True)
+        )

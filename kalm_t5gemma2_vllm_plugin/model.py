@@ -34,13 +34,13 @@ from vllm.model_executor.models.interfaces import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .constants import PASSAGE_MODALITY
+from .constants import PASSAGE_MODALITY, STATES_FIELD
 from .counters import EngineCounters
+from .engine import tune_cpu_allocator
 from .pooler import KaLMYesNoPooler
 from .processing import (
     IDS_FIELD,
     SCORE_IDS_KEY,
-    STATES_FIELD,
     KaLMPassageDummyInputsBuilder,
     KaLMPassageProcessingInfo,
     KaLMPassageProcessor,
@@ -76,6 +76,8 @@ class KaLMT5Gemma2Reranker(
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.settings = EngineSettings.from_hf_config(config)
+        if vllm_config.device_config.device_type == "cpu":
+            tune_cpu_allocator()  # this runs in the process that runs the model
         self.softcap = config.decoder.final_logit_softcapping
         self.hidden_size = config.decoder.hidden_size
         self.decoder = build_decoder(config)

@@ -34,6 +34,7 @@ from .constants import (
     BOS_TOKEN_ID,
     PASSAGE_MODALITY,
     PLACEHOLDER_TOKEN_ID,
+    STATES_FIELD,
     TEMPLATE_VERSION,
 )
 from .pooling import pooled_length
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 IDS_FIELD = "passage_ids"
-STATES_FIELD = "passage_states"
 #: Item key of a score-API prompt moved here by ``post_process_tokens``.
 SCORE_IDS_KEY = "score_ids"
 

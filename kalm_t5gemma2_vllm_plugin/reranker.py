@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,20 @@ from .constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
 )
-from .engine import prepare_engine
+from .engine import default_dtype, prepare_engine
+from .engine_prompts import DocumentId
 from .errors import KaLMEngineError, KaLMInputError
 from .hub import resolve_model
-from .scores import MarginReranker
+from .scores import MarginReranker, RankResult
 from .settings import EngineSettings
-from .validation import check_pairs, check_positive_int, check_str, parse_chunk_size
+from .store import PassageStore, StoreIdentity
+from .validation import (
+    check_documents,
+    check_pairs,
+    check_positive_int,
+    check_str,
+    parse_chunk_size,
+)
 
 __all__ = ["KaLMVLLMReranker"]
 
@@ -46,6 +55,10 @@ class KaLMVLLMReranker(MarginReranker):
         gpu_memory_utilization: vLLM's memory fraction on GPU.
         instruction: default task instruction.
         system_instruction: the fixed system sentence of the prompt.
+        passage_store: a store written by ``kalm-vllm-encode`` with the same
+            model and settings; documents may then be given by id.
+        decoder_only: load no encoder at all (needs ``passage_store``): every
+            document must come from the store, and no encoding happens online.
         **engine_args: passed to ``vllm.LLM``.
 
     Example:
@@ -68,15 +81,26 @@ class KaLMVLLMReranker(MarginReranker):
         gpu_memory_utilization: float | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
+        passage_store: str | os.PathLike[str] | None = None,
+        decoder_only: bool = False,
         **engine_args: Any,
     ) -> None:
         self._llm: Any = None
+        self.store: PassageStore | None = None
+        if decoder_only and passage_store is None:
+            raise KaLMInputError(
+                "decoder_only=True needs a passage_store: without an encoder every "
+                "document must come precomputed.",
+                field="decoder_only",
+            )
         self.settings = EngineSettings(
             chunk_size=parse_chunk_size(encoder_chunk_size, "encoder_chunk_size"),
             document_max_length=check_positive_int(
                 document_max_length, "document_max_length"
             ),
             query_max_length=check_positive_int(query_max_length, "query_max_length"),
+            allow_passage_states=passage_store is not None,
+            decoder_only=decoder_only,
         )
         self.max_model_len = check_positive_int(max_model_len, "max_model_len")
         self.batch_size = check_positive_int(batch_size, "batch_size")
@@ -91,6 +115,16 @@ class KaLMVLLMReranker(MarginReranker):
 
         self.model = str(model)
         self.model_path = resolve_model(model)
+        if passage_store is not None:
+            self.store = PassageStore(
+                passage_store,
+                expected=StoreIdentity.for_engine(
+                    self.model_path,
+                    self.settings.chunk_size,
+                    self.settings.document_max_length,
+                    dtype or default_dtype(),
+                ),
+            )
         setup = prepare_engine(
             self.model_path,
             self.settings,
@@ -128,8 +162,36 @@ class KaLMVLLMReranker(MarginReranker):
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             self._counters.unlink()
+        if self.store is not None:
+            self.store.close()
 
     # --- scoring ----------------------------------------------------------------
+    def rank(  # type: ignore[override]
+        self,
+        query: str,
+        documents: Sequence[str] = (),
+        *,
+        document_ids: Sequence[str] = (),
+        instruction: str | None = None,
+        top_k: int | None = None,
+        return_margin: bool = False,
+    ) -> list[RankResult]:
+        """``[{"corpus_id", "score"[, "margin"]}]`` sorted by score; ties by index.
+
+        Documents come as text (``documents``) and/or by id from the passage
+        store (``document_ids``); ``corpus_id`` counts ``documents`` first, then
+        ``document_ids``.
+        """
+        docs = check_documents(documents)
+        ids = check_documents(document_ids, "document_ids")
+        return super().rank(
+            query,
+            docs + [DocumentId(i) for i in ids],
+            instruction=instruction,
+            top_k=top_k,
+            return_margin=return_margin,
+        )
+
     def margins(
         self, pairs: Sequence[Sequence[str]], *, instruction: str | None = None
     ) -> list[float]:
@@ -142,7 +204,8 @@ class KaLMVLLMReranker(MarginReranker):
         llm = self._engine()
         if not checked:
             return []
-        prompts = [p.prompt for p in self.prompts.build(checked, instruction)]
+        built = self.prompts.build(checked, instruction, store=self.store)
+        prompts = [p.prompt for p in built]
         from vllm import PoolingParams
 
         outputs = llm.classify(

@@ -17,10 +17,13 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_PLUGINS", "kalm_t5gemma2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from tests.helpers import corpus_docs, run_encode, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +68,20 @@ def engine(tiny_checkpoint: Path) -> Iterator[object]:
 
     with KaLMVLLMReranker(str(tiny_checkpoint), dtype="float32") as reranker:
         yield reranker
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(
+        tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus_docs()
+    )
+
+
+@pytest.fixture(scope="session")
+def store(
+    tiny_checkpoint: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    path = tmp_path_factory.mktemp("store") / "store"
+    result = json.loads(run_encode(tiny_checkpoint, corpus, path).stdout)
+    assert result["encoded"] == len(corpus_docs())
+    return path

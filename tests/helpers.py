@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kalm_t5gemma2_vllm_plugin import encode
 from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
 
 #: Largest |margin difference| tolerated between any score path and the
@@ -25,3 +32,52 @@ def fidelity_documents() -> dict[str, str]:
         "beyond-max-length": synthetic_text(400, seed=3),
         "unicode": "北京是中国的首都。Ελληνικά, emoji 🙂, naïve café — ok",
     }
+
+
+def write_corpus(path: Path, docs: dict[str, str]) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"id": k, "text": v}, ensure_ascii=False) + "\n"
+            for k, v in docs.items()
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+@dataclass
+class EncodeRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_encode(
+    checkpoint: Path, corpus: Path, store: Path, *extra: str, check: bool = True
+) -> EncodeRun:
+    """``kalm-vllm-encode`` in this process (its ``main``), output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = encode.main(
+            [
+                "--model",
+                str(checkpoint),
+                "--input",
+                str(corpus),
+                "--store",
+                str(store),
+                *extra,
+            ]
+        )
+    done = EncodeRun(code, out.getvalue(), err.getvalue())
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def corpus_docs() -> dict[str, str]:
+    docs = {f"doc-{i}": synthetic_text(3 + 11 * i, seed=40 + i) for i in range(10)}
+    docs["empty"] = ""
+    docs["unicode"] = "北京是中国的首都 🙂"
+    docs["long"] = synthetic_text(1500, seed=99)  # beyond document_max_length
+    return docs

@@ -10,6 +10,8 @@ Engines:
   reference      the Transformers reference reranker (its default batch size)
   vllm-cold      KaLMVLLMReranker, every passage new to the engine
   vllm-warm      the same passages again with new queries (already encoded)
+  vllm-store     documents by id from a passage store (kalm-vllm-encode, timed
+                 in its own process), on a decoder-only engine (no encoder)
   cross-encoder  a Qwen3-Reranker-0.6B-shaped checkpoint on vLLM's own
                  Qwen3ForSequenceClassification with its yes/no head
 """
@@ -32,7 +34,7 @@ from .workload import Workload
 
 __all__ = ["ENGINES", "main"]
 
-ENGINES = ("reference", "vllm-cold", "vllm-warm", "cross-encoder")
+ENGINES = ("reference", "vllm-cold", "vllm-warm", "vllm-store", "cross-encoder")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,7 +174,7 @@ def _flops(
         decoder_tokens=tokens["decoder_tokens"],
         pooled=tokens["pooled"],
         full_vocab_head=engine == "reference",
-        encode=engine != "vllm-warm",
+        encode=engine not in ("vllm-warm", "vllm-store"),
     )
 
 
@@ -239,6 +241,13 @@ def _table(report: dict[str, Any]) -> str:
                 f" | {rel.get('reference', float('nan')):.2f}"
                 f" | {rel.get('cross-encoder', float('nan')):.2f} |"
             )
+        if build := run.get("store_build"):
+            lines.append(
+                f"\nPassage store: {build['passages']} passages encoded at "
+                f"{build['passages_per_s']:.2f} passages/s (kalm-vllm-encode), "
+                f"{build['bytes_per_passage'] / 1024:.1f} KiB per passage on disk "
+                f"({build['state_bytes_per_passage'] / 1024:.1f} KiB of states)."
+            )
     return "\n".join(lines)
 
 
@@ -283,12 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         matmul = _run_worker({**base, "engine": "matmul"}, args.threads)
         peak = matmul["matmul_gflops"][dtype]
         engines: dict[str, Any] = {}
+        store_build = None
         for engine in args.engines:
             checkpoint = paths["cross-encoder" if engine == "cross-encoder" else "kalm"]
+            config = {
+                **base,
+                "engine": engine,
+                "checkpoint": str(checkpoint),
+                "store": str(args.workdir / f"store-{args.preset}-{dtype}"),
+            }
+            if engine == "vllm-store":  # encode the corpus first, in its own process
+                print(f"[{dtype}] kalm-vllm-encode ...", file=sys.stderr, flush=True)
+                store_build = _run_worker(
+                    {**config, "engine": "store-encode"}, args.threads
+                )
             print(f"[{dtype}] {engine} ...", file=sys.stderr, flush=True)
-            result = _run_worker(
-                {**base, "engine": engine, "checkpoint": str(checkpoint)}, args.threads
-            )
+            result = _run_worker(config, args.threads)
             result["flops_per_pair"] = _flops(engine, result, dims)
             achieved = (
                 result["flops_per_pair"]["total"]
@@ -299,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["fraction_of_peak"] = achieved / peak
             engines[engine] = result
         report["runs"][dtype] = {
+            "store_build": store_build,
             "matmul_gflops": peak,
             "matmul_all_dtypes": matmul["matmul_gflops"],
             "engines": engines,

@@ -95,14 +95,93 @@ def run_vllm(
     else:
         reranker.rank(workload.query(-1, 0), workload.document_set(-1))
         documents = workload.cold_set
+    return _measure_vllm(reranker, reranker.rank, workload, documents, config)
+
+
+def _measure_vllm(
+    reranker: Any, rank: Any, workload: Workload, documents: Any, config: dict[str, Any]
+) -> dict[str, Any]:
+    """``_measure`` plus what the engine counted during the timed calls; closes it."""
     before = reranker.stats()
-    result = _measure(reranker.rank, workload, documents)
+    result = _measure(rank, workload, documents)
     after = reranker.stats()
     result["engine_counters"] = {k: after[k] - before[k] for k in after}
     result["tokens"] = _kalm_tokens(reranker.tokenizer, workload, config["chunk_size"])
     result["batch_size"] = reranker.batch_size
     reranker.close()
     return result
+
+
+def _store_ids(workload: Workload) -> list[str]:
+    return [f"doc-{i}" for i in range(workload.documents)]
+
+
+def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    """Build the passage store with kalm-vllm-encode's code (its own process)."""
+    import shutil
+    from pathlib import Path
+
+    from ..encode import PassageEncoder, encode_corpus
+    from ..store import StoreIdentity
+
+    store = Path(config["store"])
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    corpus = store.parent / (store.name + ".jsonl")
+    # The benchmark documents plus three more sets, for a steadier rate.
+    texts = workload.document_set(0) + [
+        doc for i in range(3) for doc in workload.cold_set(0, i)
+    ]
+    ids = _store_ids(workload) + [
+        f"extra-{i}" for i in range(len(texts) - workload.documents)
+    ]
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t}) + "\n"
+            for i, t in zip(ids, texts, strict=True)
+        )
+    )
+    identity = StoreIdentity.for_engine(
+        config["checkpoint"], config["chunk_size"], 1024, config["dtype"]
+    )
+    encoder = PassageEncoder(
+        config["checkpoint"],
+        chunk_size=config["chunk_size"],
+        document_max_length=1024,
+        dtype=config["dtype"],
+    )
+    started = time.perf_counter()
+    counts = encode_corpus(encoder, corpus, store, identity=identity, batch_size=16)
+    seconds = time.perf_counter() - started
+    shards = sum(p.stat().st_size for p in (store / "shards").iterdir())
+    index = (store / "index.sqlite").stat().st_size
+    return {
+        "passages": counts["encoded"],
+        "encode_seconds": seconds,
+        "passages_per_s": counts["encoded"] / seconds,
+        "bytes_per_passage": (shards + index) / counts["encoded"],
+        "state_bytes_per_passage": shards / counts["encoded"],
+    }
+
+
+def run_vllm_store(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    """Rank stored passages by id on a decoder-only engine (no encoder loaded)."""
+    from ..reranker import KaLMVLLMReranker
+
+    reranker = KaLMVLLMReranker(
+        config["checkpoint"],
+        dtype=config["dtype"],
+        encoder_chunk_size=config["chunk_size"],
+        passage_store=config["store"],
+        decoder_only=True,
+    )
+    ids = _store_ids(workload)
+    reranker.rank(workload.query(-1, 0), document_ids=ids)  # warm-up
+
+    def rank(query: str, docs: list[str]) -> Any:
+        return reranker.rank(query, document_ids=docs)
+
+    return _measure_vllm(reranker, rank, workload, lambda r, i: ids, config)
 
 
 def run_cross_encoder(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
@@ -172,6 +251,8 @@ RUNNERS: dict[str, Callable[[dict[str, Any], Workload], dict[str, Any]]] = {
     "reference": run_reference,
     "vllm-cold": lambda c, w: run_vllm(c, w, warm=False),
     "vllm-warm": lambda c, w: run_vllm(c, w, warm=True),
+    "store-encode": run_store_encode,
+    "vllm-store": run_vllm_store,
     "cross-encoder": run_cross_encoder,
     "matmul": run_matmul,
 }

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..cli import add_engine_arguments, configure_vllm_environment, resolve_cli_model
 from ..constants import ENV_API_KEY
-from ..errors import KaLMError
+from ..errors import KaLMError, KaLMInputError
 from ..settings import EngineSettings
 from ..validation import check_positive_int, parse_chunk_size
 
@@ -44,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get(ENV_API_KEY),
         help=f"require 'Authorization: Bearer KEY' on every route but "
         f"/health (default: ${ENV_API_KEY})",
+    )
+    parser.add_argument(
+        "--passage-store",
+        help="a store written by kalm-vllm-encode: requests may give "
+        "documents by id (document_ids)",
+    )
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="load no encoder (needs --passage-store): only stored "
+        "documents are scored, nothing is encoded online",
     )
     limits = parser.add_argument_group("request limits")
     limits.add_argument(
@@ -82,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .service import ServiceConfig
 
     try:
+        if args.decoder_only and not args.passage_store:
+            raise KaLMInputError("--decoder-only needs --passage-store.")
         for name in (
             "max_documents",
             "max_pairs",
@@ -96,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             document_max_length=args.document_max_length,
             query_max_length=args.query_max_length,
+            allow_passage_states=args.passage_store is not None,
+            decoder_only=args.decoder_only,
         )
         model, model_path = resolve_cli_model(args.model)
         config = ServiceConfig(
@@ -113,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_pairs=args.max_pairs,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_concurrent_requests=args.max_concurrent_requests,
+            passage_store=args.passage_store,
         )
     except KaLMError as exc:
         print(f"kalm-vllm-serve: error: {exc}", file=sys.stderr)

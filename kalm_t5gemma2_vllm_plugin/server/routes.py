@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from ..engine_prompts import DocumentId
 from ..scores import score_from_margin
 from . import schemas as S
 from .errors import APIError
@@ -52,8 +53,22 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def _texts(documents: list[str | S.DocumentObject]) -> list[str]:
-    return [d if isinstance(d, str) else d.text for d in documents]
+def _documents(request: S._RerankFields) -> list[str]:
+    """Texts, then stored documents (as ``DocumentId``), in result-index order."""
+    texts = [d if isinstance(d, str) else d.text for d in request.documents]
+    documents = texts + [DocumentId(i) for i in request.document_ids]
+    if not documents:
+        raise APIError(
+            422,
+            "invalid_request",
+            "documents: give at least one document (or document_ids).",
+            field="documents",
+        )
+    return documents
+
+
+def _stored_id(documents: list[str], index: int) -> str | None:
+    return str(documents[index]) if isinstance(documents[index], DocumentId) else None
 
 
 def _top(request: S.RerankRequest) -> int | None:
@@ -76,10 +91,8 @@ async def _rank(
 ) -> tuple[RankOutcome, list[str]]:
     service = _service(raw_request)
     service.check_model(request.model)
-    service.check_count(
-        len(request.documents), "documents", service.config.max_documents
-    )
-    texts = _texts(request.documents)
+    texts = _documents(request)
+    service.check_count(len(texts), "documents", service.config.max_documents)
     with service.admit():
         outcome = await service.rank(
             request.query,
@@ -93,8 +106,11 @@ async def _rank(
     return outcome, texts
 
 
-def _echo(texts: list[str], index: int, wanted: bool) -> S.DocumentEcho | None:
-    return S.DocumentEcho(text=texts[index]) if wanted else None
+def _echo(documents: list[str], index: int, wanted: bool) -> S.DocumentEcho | None:
+    """The text of a result when asked for (stored documents have none here)."""
+    if not wanted or isinstance(documents[index], DocumentId):
+        return None
+    return S.DocumentEcho(text=documents[index])
 
 
 def _record(request: Request, pairs: int, truncated: int) -> None:
@@ -138,6 +154,7 @@ async def rerank(request: S.RerankRequest, raw_request: Request) -> S.RerankResp
     results = [
         S.RerankResult(
             index=r["corpus_id"],
+            document_id=_stored_id(texts, r["corpus_id"]),
             score=r["score"],
             relevance_score=r["score"],
             margin=r.get("margin"),
@@ -168,6 +185,7 @@ async def rerank_jina(
     results = [
         S.RelevanceResult(
             index=r["corpus_id"],
+            document_id=_stored_id(texts, r["corpus_id"]),
             relevance_score=r["score"],
             document=_echo(texts, r["corpus_id"], request.return_documents),
         )
@@ -195,6 +213,7 @@ async def rerank_cohere(
     results = [
         S.RelevanceResult(
             index=r["corpus_id"],
+            document_id=_stored_id(texts, r["corpus_id"]),
             relevance_score=r["score"],
             document=_echo(texts, r["corpus_id"], request.return_documents),
         )
@@ -226,7 +245,14 @@ async def score(request: S.ScoreRequest, raw_request: Request) -> S.ScoreRespons
     service.check_count(len(request.pairs), "pairs", service.config.max_pairs)
     with service.admit():
         scored = await service.score(
-            [(p.query, p.document) for p in request.pairs], request.instruction
+            [
+                (
+                    p.query,
+                    p.document if p.document_id is None else DocumentId(p.document_id),
+                )
+                for p in request.pairs
+            ],
+            request.instruction,
         )
     _record(raw_request, len(request.pairs), len(scored.truncated))
     results = [

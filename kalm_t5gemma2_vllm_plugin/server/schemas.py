@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 __all__ = [
     "CohereRerankRequest",
@@ -60,7 +60,13 @@ class _RerankFields(_Request):
     )
     query: StrictStr = Field(description="The search query.")
     documents: list[Document] = Field(
-        min_length=1, description="Documents to rank (strings or {text} objects)."
+        default_factory=list,
+        description="Documents to rank (strings or {text} objects).",
+    )
+    document_ids: list[StrictStr] = Field(
+        default_factory=list,
+        description="Extension: ids of documents in the server's passage store "
+        "(--passage-store); result indices count documents first, then these.",
     )
     instruction: StrictStr | None = Field(
         None, description="Task instruction for this request (default: the server's)."
@@ -110,8 +116,17 @@ class CohereRerankRequest(_RerankFields):
 
 class ScorePair(_Request):
     query: StrictStr = Field(description="The search query.")
-    document: StrictStr = Field(description="The document.")
+    document: StrictStr | None = Field(None, description="The document text.")
+    document_id: StrictStr | None = Field(
+        None, description="Or: the id of a document in the passage store."
+    )
     id: Any = Field(None, description="Echoed back in the result when given.")
+
+    @model_validator(mode="after")
+    def _one_document(self) -> ScorePair:
+        if (self.document is None) == (self.document_id is None):
+            raise ValueError("give exactly one of 'document' and 'document_id'")
+        return self
 
 
 class ScoreRequest(_Request):
@@ -142,6 +157,7 @@ class Usage(_Response):
 
 class RerankResult(_Response):
     index: int
+    document_id: str | None = None
     score: float = Field(description="P(yes) = sigmoid(margin).")
     relevance_score: float = Field(description="Same as score (Cohere/Jina name).")
     margin: float | None = None
@@ -175,6 +191,7 @@ class RelevanceResult(_Response):
     """A result as Jina and Cohere shape it."""
 
     index: int
+    document_id: str | None = None
     relevance_score: float
     document: DocumentEcho | None = None
 

@@ -26,6 +26,7 @@ from ..counters import EngineCounters
 from ..engine_prompts import PromptBuilder
 from ..scores import RankResult, rank_results
 from ..settings import EngineSettings
+from ..store import PassageStore, StoreIdentity
 from ..validation import check_str
 from .errors import APIError
 
@@ -53,6 +54,8 @@ class ServiceConfig:
     max_pairs: int = 4096
     max_body_bytes: int = 32 * 1024 * 1024
     max_concurrent_requests: int = 64
+    #: A passage store (kalm-vllm-encode) for documents given by id.
+    passage_store: str | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +82,7 @@ class RerankService:
         self.prompts: PromptBuilder | None = None
         self.dtype: str | None = config.dtype
         self._counters: EngineCounters | None = None
+        self.store: PassageStore | None = None
         self._counters_at_start: dict[str, int] = {}
         self._in_flight = 0
 
@@ -97,9 +101,19 @@ class RerankService:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ..engine import prepare_engine
+        from ..engine import default_dtype, prepare_engine
 
         config = self.config
+        if config.passage_store is not None:
+            self.store = PassageStore(
+                config.passage_store,
+                expected=StoreIdentity.for_engine(
+                    config.model_path,
+                    config.settings.chunk_size,
+                    config.settings.document_max_length,
+                    config.dtype or default_dtype(),
+                ),
+            )
         setup = prepare_engine(
             config.model_path,
             config.settings,
@@ -125,6 +139,8 @@ class RerankService:
         if self._counters is not None:
             self._counters.unlink()
             self._counters = None
+        if self.store is not None:
+            self.store.close()
 
     @property
     def ready(self) -> bool:
@@ -146,6 +162,9 @@ class RerankService:
             "document_max_length": settings.document_max_length,
             "encoder_chunk_size": settings.chunk_size,
             "max_model_len": config.max_model_len,
+            "passage_store": config.passage_store,
+            "passages_in_store": None if self.store is None else len(self.store),
+            "decoder_only": settings.decoder_only,
             "batch_size": config.batch_size,
             "gpu_memory_utilization": config.gpu_memory_utilization,
             "supported_encoder_chunk_sizes": list(SUPPORTED_ENCODER_CHUNK_SIZES),
@@ -223,9 +242,17 @@ class RerankService:
             instruction = self.config.instruction
         else:
             self.prompts.check_instruction(check_str(instruction, "instruction"))
-        prompts = self.prompts.build(
-            list(pairs), instruction, document_max_length=document_max_length
-        )
+        try:
+            prompts = self.prompts.build(
+                list(pairs),
+                instruction,
+                document_max_length=document_max_length,
+                store=self.store,
+            )
+        except KeyError as exc:  # ids the store does not hold
+            raise APIError(
+                404, "document_not_found", exc.args[0], field="document_ids"
+            ) from None
         margins = await asyncio.gather(*(self._margin(p.prompt) for p in prompts))
         return ScoredPairs(
             margins=list(margins),

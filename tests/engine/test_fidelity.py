@@ -86,7 +86,9 @@ def test_bf16_checkpoint_in_float32_matches_reference(tmp_path: Path) -> None:
     """
     from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
 
-    checkpoint = str(make_checkpoint(tmp_path / "bf16", dtype="bfloat16", hidden_size=48))
+    checkpoint = str(
+        make_checkpoint(tmp_path / "bf16", dtype="bfloat16", hidden_size=48)
+    )
     pairs = _pairs()
     expected = KaLMReranker(checkpoint, dtype="float32").margins(pairs)
     with KaLMVLLMReranker(checkpoint, dtype="float32") as reranker:

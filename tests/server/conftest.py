@@ -98,10 +98,13 @@ def kalm_serve(checkpoint: Path, tmp: Path, *extra: str) -> RunningServer:
 
 @pytest.fixture(scope="module")
 def server(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_checkpoint: Path, store: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    """``kalm-vllm-serve`` on the tiny checkpoint, no auth, default limits."""
-    running = kalm_serve(tiny_checkpoint, tmp_path_factory.mktemp("serve"))
+    """``kalm-vllm-serve`` on the tiny checkpoint with a passage store attached;
+    no auth, default limits."""
+    running = kalm_serve(
+        tiny_checkpoint, tmp_path_factory.mktemp("serve"), "--passage-store", str(store)
+    )
     yield running
     assert running.stop() == 0, running.log.read_text()[-3000:]
 

@@ -14,7 +14,7 @@ import pytest
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
 from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
 from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
-from tests.helpers import MARGIN_ATOL, QUERY
+from tests.helpers import MARGIN_ATOL, QUERY, corpus_docs
 from tests.server.conftest import RunningServer
 
 pytestmark = pytest.mark.server
@@ -184,10 +184,10 @@ def test_long_documents_are_truncated_and_reported(http: httpx.Client) -> None:
         ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
         ("/v2/rerank", {"query": "q", "documents": "a"}, 422, "documents"),
         ("/score", {"pairs": []}, 422, "pairs"),
-        ("/score", {"pairs": [{"query": "q"}]}, 422, "pairs.0.document"),
+        ("/score", {"pairs": [{"query": "q"}]}, 422, "pairs.0"),
         (
             "/score",
-            {"pairs": [{"query": "q", "document": None}]},
+            {"pairs": [{"query": "q", "document": 5}]},
             422,
             "pairs.0.document",
         ),
@@ -251,6 +251,88 @@ def test_metrics_count_requests_pairs_and_passage_reuse(http: httpx.Client) -> N
     assert delta['kalm_http_requests_total{code="200",route="/rerank"}'] == 2
     assert (
         'kalm_http_request_duration_seconds_bucket{le="0.005",route="/rerank"}' in after
+    )
+
+
+def test_documents_by_id_mix_with_text_on_every_route(
+    http: httpx.Client, engine: KaLMVLLMReranker
+) -> None:
+    docs = corpus_docs()
+    expected = engine.margins(
+        [
+            (QUERY, docs["doc-1"]),
+            (QUERY, "fresh text"),
+            (QUERY, docs["doc-2"]),
+            (QUERY, ""),
+        ]
+    )
+    body = http.post(
+        "/rerank",
+        json={
+            "query": QUERY,
+            "documents": [docs["doc-1"], "fresh text"],
+            "document_ids": ["doc-2", "empty"],
+            "return_margin": True,
+            "return_documents": True,
+        },
+    ).json()
+    for result in body["results"]:
+        assert abs(result["margin"] - expected[result["index"]]) <= MARGIN_ATOL
+        assert result.get("document_id") == {2: "doc-2", 3: "empty"}.get(
+            result["index"]
+        )
+        assert ("document" in result) == (result["index"] < 2)
+    for route in ("/v1/rerank", "/v2/rerank"):
+        results = http.post(
+            route, json={"query": QUERY, "document_ids": ["doc-2", "empty"]}
+        ).json()["results"]
+        assert {r["document_id"] for r in results} == {"doc-2", "empty"}
+        for result in results:
+            margin = expected[2 + result["index"]]
+            assert result["relevance_score"] == pytest.approx(
+                score_from_margin(margin), abs=1e-5
+            )
+    scored = http.post(
+        "/score",
+        json={
+            "return_margin": True,
+            "pairs": [
+                {"query": QUERY, "document_id": "doc-2", "id": "stored"},
+                {"query": QUERY, "document": docs["doc-1"]},
+            ],
+        },
+    ).json()["results"]
+    assert [r.get("id") for r in scored] == ["stored", None]
+    assert abs(scored[0]["margin"] - expected[2]) <= MARGIN_ATOL
+    assert abs(scored[1]["margin"] - expected[0]) <= MARGIN_ATOL
+
+
+def test_unknown_document_ids_are_a_404_naming_them(http: httpx.Client) -> None:
+    for route, payload in (
+        ("/rerank", {"query": "q", "document_ids": ["doc-1", "nope", "gone"]}),
+        (
+            "/score",
+            {
+                "pairs": [
+                    {"query": "q", "document_id": "nope"},
+                    {"query": "q", "document_id": "gone"},
+                ]
+            },
+        ),
+    ):
+        response = http.post(route, json=payload)
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert (
+            error["type"] == "document_not_found" and error["field"] == "document_ids"
+        )
+        assert "'nope'" in error["message"] and "'gone'" in error["message"]
+    both = http.post(
+        "/score",
+        json={"pairs": [{"query": "q", "document": "t", "document_id": "doc-1"}]},
+    )
+    assert (
+        both.status_code == 422 and "exactly one of" in both.json()["error"]["message"]
     )
 
 
@@ -362,7 +444,7 @@ def test_client_exits_non_zero_with_the_server_message(
     bad.write_text(json.dumps({"query": "q", "documents": []}))
     code, out, err = _client(server, capsys, "--json-file", str(bad))
     assert code == 1 and out == ""
-    assert "HTTP 422" in err and "documents: List should have at least 1 item" in err
+    assert "HTTP 422" in err and "documents: give at least one document" in err
     code, _, err = _client(
         server,
         capsys,

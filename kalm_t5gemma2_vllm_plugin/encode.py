@@ -1,0 +1,267 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``kalm-vllm-encode``: encode a corpus once into a passage store.
+
+Input rows are ``{"id", "text"}``. Passages already stored with the same text
+hash are skipped, changed texts are re-encoded, and every batch is committed
+durably before it is counted as written, so a killed run leaves a readable
+store and a re-run completes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .constants import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DOCUMENT_MAX_LENGTH,
+    DEFAULT_ENCODER_CHUNK_SIZE,
+)
+from .errors import KaLMError, KaLMInputError
+from .store import PassageRecord, StoreIdentity, text_sha256
+
+__all__ = ["PassageEncoder", "encode_corpus", "main"]
+
+
+class PassageEncoder:
+    """The KaLM encoder plus Matryoshka pooling, alone (no decoder, no vLLM).
+
+    The same Transformers modules, weight mapping and pooling function as the
+    vLLM model's ``embed_multimodal``, so stored states score like text.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        chunk_size: int | None,
+        document_max_length: int,
+        dtype: str,
+        device: str | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .engine import tune_cpu_allocator
+        from .prompting import check_yes_no_tokens
+        from .t5gemma2 import build_encoder
+
+        tune_cpu_allocator()  # a batch job of large activations, like the engine
+        self.chunk_size = chunk_size
+        self.document_max_length = document_max_length
+        self.dtype = dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        check_yes_no_tokens(self.tokenizer)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))  # as vLLM builds its model
+        try:
+            self.encoder = build_encoder(AutoConfig.from_pretrained(model_path))
+        finally:
+            torch.set_default_dtype(previous)
+        self._load(Path(model_path))
+        # The serving engine's device: the GPU when there is one.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder.to(self.device).eval()
+
+    def _load(self, root: Path) -> None:
+        from safetensors import safe_open
+
+        from .t5gemma2 import checkpoint_target
+
+        params = dict(self.encoder.named_parameters())
+        loaded = set()
+        for path in sorted(root.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    target = checkpoint_target(
+                        key,
+                        encoder_prefix="",
+                        embedding="embed_tokens",
+                        decoder_prefix=None,
+                    )
+                    if target is not None:
+                        params[target].data.copy_(f.get_tensor(key))
+                        loaded.add(target)
+        if missing := set(params) - loaded:
+            raise KaLMError(
+                f"The checkpoint lacks encoder weights: {sorted(missing)[:5]}"
+            )
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[Any, int, bool]]:
+        """``(pooled states, encoder tokens, truncated)`` per text, one batch."""
+        import torch
+
+        from .prompting import encode_document
+        from .t5gemma2 import encode_passages
+
+        encoded = [
+            encode_document(self.tokenizer, t, self.document_max_length) for t in texts
+        ]
+        states = encode_passages(
+            self.encoder,
+            [torch.tensor(e.ids, device=self.device) for e in encoded],
+            self.chunk_size,
+        )
+        return [
+            (s.to("cpu", copy=True), len(e.ids), e.truncated)
+            for s, e in zip(states, encoded, strict=True)
+        ]
+
+
+def _read_input(path: Path) -> Iterator[tuple[int, str, str]]:
+    """``(line, id, text)`` per row; a malformed row is an error naming its line."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KaLMInputError(f"{where}: invalid JSON ({exc.msg})") from None
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("id"), str)
+                or not isinstance(row.get("text"), str)
+            ):
+                raise KaLMInputError(
+                    f"{where}: a row must be an object with string fields 'id' and "
+                    f"'text'"
+                )
+            yield line_number, row["id"], row["text"]
+
+
+def encode_corpus(
+    encoder: PassageEncoder,
+    input_path: Path,
+    store: Path,
+    *,
+    identity: StoreIdentity,
+    batch_size: int,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Encode what the store lacks; returns counts (encoded, skipped, total)."""
+    from tqdm import tqdm
+
+    from .store import PassageStoreWriter
+
+    # Pass 1: ids and text hashes only (the texts themselves stay on disk).
+    first_line: dict[str, int] = {}
+    hashes: dict[str, str] = {}
+    for line_number, doc_id, text in _read_input(input_path):
+        if doc_id in first_line:
+            raise KaLMInputError(
+                f"{input_path}:{line_number}: duplicate id {doc_id!r} (first on line "
+                f"{first_line[doc_id]})",
+                field="id",
+            )
+        first_line[doc_id] = line_number
+        hashes[doc_id] = text_sha256(text)
+
+    with PassageStoreWriter(store, identity) as writer:
+        stored = writer.text_hashes()
+        todo = {i for i, h in hashes.items() if stored.get(i) != h}
+        bar = tqdm(
+            total=len(todo), unit=" passages", disable=not progress, file=sys.stderr
+        )
+        batch: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            results = encoder.encode([text for _, text in batch])
+            writer.write(
+                (
+                    PassageRecord(doc_id, hashes[doc_id], len(states), tokens, cut),
+                    states,
+                )
+                for (doc_id, _), (states, tokens, cut) in zip(
+                    batch, results, strict=True
+                )
+            )
+            bar.update(len(batch))
+            batch.clear()
+
+        with contextlib.closing(bar):
+            for _, doc_id, text in _read_input(input_path):
+                if doc_id in todo:
+                    batch.append((doc_id, text))
+                    if len(batch) >= batch_size:
+                        flush()
+            if batch:
+                flush()
+    return {
+        "encoded": len(todo),
+        "skipped": len(hashes) - len(todo),
+        "total": len(hashes),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kalm-vllm-encode``."""
+    parser = argparse.ArgumentParser(
+        prog="kalm-vllm-encode",
+        description="Encode documents once into a passage store for reranking by id.",
+    )
+    parser.add_argument("--model", required=True, help="Hub id or local checkpoint")
+    parser.add_argument(
+        "--input", required=True, type=Path, help='JSONL rows {"id": str, "text": str}'
+    )
+    parser.add_argument("--store", required=True, type=Path, help="store directory")
+    parser.add_argument("--encoder-chunk-size", default=str(DEFAULT_ENCODER_CHUNK_SIZE))
+    parser.add_argument(
+        "--document-max-length", type=int, default=DEFAULT_DOCUMENT_MAX_LENGTH
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="passages per encoder pass and per durable commit",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the stored states; must match the serving "
+        "engine's (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    args = parser.parse_args(argv)
+
+    from .engine import default_dtype
+    from .hub import resolve_model
+    from .validation import check_positive_int, parse_chunk_size
+
+    try:
+        chunk = parse_chunk_size(args.encoder_chunk_size, "--encoder-chunk-size")
+        check_positive_int(args.document_max_length, "--document-max-length")
+        check_positive_int(args.batch_size, "--batch-size")
+        model_path = resolve_model(args.model)
+        dtype = args.dtype or default_dtype()
+        identity = StoreIdentity.for_engine(
+            model_path, chunk, args.document_max_length, dtype
+        )
+        encoder = PassageEncoder(
+            model_path,
+            chunk_size=chunk,
+            dtype=dtype,
+            document_max_length=args.document_max_length,
+        )
+        counts = encode_corpus(
+            encoder,
+            args.input,
+            args.store,
+            identity=identity,
+            batch_size=args.batch_size,
+            progress=sys.stderr.isatty(),
+        )
+    except (KaLMError, OSError) as exc:
+        print(f"kalm-vllm-encode: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({**counts, "store": str(args.store)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

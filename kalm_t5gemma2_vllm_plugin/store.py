@@ -1,0 +1,331 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The passage store: pooled encoder states of a corpus, keyed by document id.
+
+Layout of a store directory::
+
+    index.sqlite     meta (what produced the store) and one row per passage:
+                     id, text sha256, shard file, tensor name, rows, tokens
+    shards/*.safetensors   the pooled states [ceil(L/N), hidden], model dtype
+    writer.lock      held (flock) by the one process allowed to write
+
+Why this format: safetensors is the checkpoint format vLLM and Transformers
+already read (zero-copy, memory-mapped, no pickle), and SQLite gives atomic,
+durable commits and concurrent readers with no server. A write is "shard file
+first (written to a temp name, fsynced, renamed), then one SQLite transaction
+that points the ids at it": a process killed at any moment leaves every
+committed passage readable, and at worst an orphan shard that the next writer
+deletes. On shared or object storage several serving replicas can read the
+same store: shards are immutable once written, so they can be synced to
+object storage and served from a local cache, with ``index.sqlite`` shipped as
+a versioned snapshot (or moved to a shared database) when writes happen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .constants import TEMPLATE_VERSION
+from .errors import KaLMConfigError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PassageRecord",
+    "PassageStore",
+    "PassageStoreWriter",
+    "StoreIdentity",
+    "model_fingerprint",
+    "text_sha256",
+]
+
+FORMAT_VERSION = 1
+_INDEX, _LOCK, _SHARDS = "index.sqlite", "writer.lock", "shards"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS passages (
+    id TEXT PRIMARY KEY,
+    text_sha256 TEXT NOT NULL,
+    shard TEXT NOT NULL,
+    tensor TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    truncated INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS passages_by_shard ON passages (shard);
+"""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What produced a store; a reader with any other value is refused."""
+
+    model_fingerprint: str
+    encoder_chunk_size: int | None
+    document_max_length: int
+    template_version: str
+    dtype: str
+    format_version: int = FORMAT_VERSION
+
+    def mismatches(self, other: StoreIdentity) -> list[str]:
+        return [
+            f"{f.name}={getattr(self, f.name)!r} (store) vs "
+            f"{getattr(other, f.name)!r} (here)"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    @classmethod
+    def for_engine(
+        cls,
+        model_path: str,
+        chunk_size: int | None,
+        document_max_length: int,
+        dtype: str,
+    ) -> StoreIdentity:
+        return cls(
+            model_fingerprint(model_path),
+            chunk_size,
+            document_max_length,
+            TEMPLATE_VERSION,
+            dtype,
+        )
+
+
+@dataclass(frozen=True)
+class PassageRecord:
+    id: str
+    text_sha256: str
+    rows: int
+    num_tokens: int
+    truncated: bool
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_fingerprint(model_path: str | os.PathLike[str]) -> str:
+    """A hash of the checkpoint's config and weights, cheap even for large files.
+
+    Per weights file: name, size, the safetensors header (every tensor's name,
+    dtype, shape and offsets) and 16 evenly spaced 64 KiB samples of the data.
+    """
+    root = Path(model_path)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for path in sorted(root.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            for i in range(16):
+                f.seek(size * i // 16)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:32]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _read_identity(db: sqlite3.Connection, root: Path) -> StoreIdentity:
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    if "identity" not in meta:
+        raise KaLMConfigError(f"{root} is not a passage store (no identity recorded).")
+    return StoreIdentity(**json.loads(meta["identity"]))
+
+
+def _check(stored: StoreIdentity, expected: StoreIdentity | None, root: Path) -> None:
+    if expected is not None and (problems := stored.mismatches(expected)):
+        raise KaLMConfigError(
+            f"Passage store {root} was built with other settings: "
+            f"{'; '.join(problems)}. Rebuild it with kalm-vllm-encode or use "
+            f"matching settings."
+        )
+
+
+class PassageStore:
+    """Read pooled passage states by document id.
+
+    Args:
+        path: the store directory.
+        expected: refuse the store unless it was built with exactly these settings.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], expected: StoreIdentity | None = None
+    ) -> None:
+        self.root = Path(path)
+        if not (self.root / _INDEX).is_file():
+            raise KaLMConfigError(f"No passage store at {self.root} (no {_INDEX}).")
+        self._db = _connect(self.root / _INDEX)
+        self.identity = _read_identity(self._db, self.root)
+        _check(self.identity, expected, self.root)
+        self._shards: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM passages").fetchone()[0])
+
+    def records(self, ids: Sequence[str]) -> list[PassageRecord]:
+        """Records in the order of ``ids``; ``KeyError`` names the unknown ones."""
+        rows = self._rows(ids)
+        return [
+            PassageRecord(i, rows[i][0], rows[i][3], rows[i][4], bool(rows[i][5]))
+            for i in ids
+        ]
+
+    def get(self, ids: Sequence[str]) -> list[Any]:
+        """Pooled states ``[rows, hidden]`` in the order of ``ids``."""
+        rows = self._rows(ids)
+        return [self._shard(rows[i][1]).get_tensor(rows[i][2]) for i in ids]
+
+    def close(self) -> None:
+        self._shards.clear()
+        self._db.close()
+
+    def _rows(self, ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        unique = list(dict.fromkeys(ids))
+        found: dict[str, tuple[Any, ...]] = {}
+        for start in range(0, len(unique), 500):  # SQLite's host-parameter limit
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(
+                f"SELECT id, text_sha256, shard, tensor, rows, num_tokens, truncated "
+                f"FROM passages WHERE id IN ({marks})",
+                chunk,
+            ):
+                found[row[0]] = row[1:]
+        missing = [i for i in unique if i not in found]
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise KeyError(
+                f"Unknown document id(s) in passage store {self.root}: {shown}{more}."
+            )
+        return found
+
+    def _shard(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self._shards:
+            self._shards[name] = safe_open(self.root / _SHARDS / name, framework="pt")
+            if len(self._shards) > 64:
+                self._shards.popitem(last=False)
+        self._shards.move_to_end(name)
+        return self._shards[name]
+
+
+class PassageStoreWriter:
+    """The one writer of a store: creates it, or reopens it if settings match.
+
+    A second writer on the same store is refused while this one is open.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], identity: StoreIdentity) -> None:
+        self.root = Path(path)
+        (self.root / _SHARDS).mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / _LOCK, "a+")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise KaLMConfigError(
+                f"Another process is writing to passage store {self.root}."
+            ) from None
+        self._db = _connect(self.root / _INDEX)
+        self._db.executescript(_SCHEMA)
+        if self._db.execute("SELECT 1 FROM meta WHERE key='identity'").fetchone():
+            _check(_read_identity(self._db, self.root), identity, self.root)
+        else:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('identity', ?)",
+                (json.dumps(asdict(identity)),),
+            )
+        self.identity = identity
+        self._remove_orphans()
+
+    def text_hashes(self) -> dict[str, str]:
+        """``id -> text sha256`` of every stored passage (for incremental runs)."""
+        return dict(self._db.execute("SELECT id, text_sha256 FROM passages"))
+
+    def write(self, items: Iterable[tuple[PassageRecord, Any]]) -> int:
+        """Store a batch of ``(record, states)`` durably; returns how many.
+
+        The shard is complete on disk before the index points at it, and the
+        index changes in one transaction: a crash keeps all or none of the batch.
+        """
+        from safetensors.torch import save_file
+
+        batch = list(items)
+        if not batch:
+            return 0
+        name = f"{uuid.uuid4().hex}.safetensors"
+        final = self.root / _SHARDS / name
+        temporary = final.with_suffix(".tmp")
+        save_file(
+            {str(i): states.contiguous() for i, (_, states) in enumerate(batch)},
+            temporary,
+        )
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, final)
+        _fsync_dir(final.parent)
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany(
+            "INSERT OR REPLACE INTO passages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.id,
+                    r.text_sha256,
+                    name,
+                    str(i),
+                    r.rows,
+                    r.num_tokens,
+                    int(r.truncated),
+                )
+                for i, (r, _) in enumerate(batch)
+            ],
+        )
+        self._db.execute("COMMIT")
+        return len(batch)
+
+    def close(self) -> None:
+        self._db.close()
+        self._lock.close()
+
+    def __enter__(self) -> PassageStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _remove_orphans(self) -> None:
+        """Delete shards no passage points at: from a crash before the commit,
+        or whose passages were all re-encoded since. Done when a writer opens,
+        not after each write, so readers that resolved an older row keep it."""
+        live = {
+            row[0] for row in self._db.execute("SELECT DISTINCT shard FROM passages")
+        }
+        for path in (self.root / _SHARDS).iterdir():
+            if path.suffix == ".tmp" or path.name not in live:
+                path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
