@@ -23,12 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from kalm_t5gemma2_vllm_plugin.bench import DEFAULT_WORKDIR
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--checkpoint",
-        default=str(
-            Path.home() / ".cache/kalm_t5gemma2_vllm_plugin/bench/kalm-nano-seed0"
-        ),
+        "--checkpoint", default=str(DEFAULT_WORKDIR / "kalm-nano-seed0")
     )
     parser.add_argument("--mode", choices=["warm", "cold", "store"], default="warm")
     parser.add_argument(

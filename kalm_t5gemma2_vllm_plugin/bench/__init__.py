@@ -32,9 +32,18 @@ from typing import Any
 from .flops import Dims, kalm_flops, qwen3_flops
 from .workload import Workload
 
-__all__ = ["ENGINES", "main"]
+__all__ = ["DEFAULT_WORKDIR", "ENGINES", "main"]
 
 ENGINES = ("reference", "vllm-cold", "vllm-warm", "vllm-store", "cross-encoder")
+
+
+#: Where generated checkpoints are kept between runs (``--workdir``); the KaLM one
+#: of preset P is ``kalm-P-seed0`` inside it.
+DEFAULT_WORKDIR = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "kalm_t5gemma2_vllm_plugin"
+    / "bench"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,9 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "kalm_t5gemma2_vllm_plugin"
-        / "bench",
+        default=DEFAULT_WORKDIR,
         help="where generated checkpoints are kept between runs",
     )
     parser.add_argument("--json", type=Path, help="write the full results here")
@@ -226,8 +233,9 @@ def _table(report: dict[str, Any]) -> str:
         engines = run["engines"]
         for name, result in engines.items():
             rate = result["pairs_per_s"]
+            # "–" where the peer was not part of this run (--engines).
             rel = {
-                other: rate["median"] / engines[other]["pairs_per_s"]["median"]
+                other: f"{rate['median'] / engines[other]['pairs_per_s']['median']:.2f}"
                 for other in ("reference", "cross-encoder")
                 if other in engines
             }
@@ -238,8 +246,7 @@ def _table(report: dict[str, Any]) -> str:
                 f" | {result['flops_per_pair']['total'] / 1e9:.2f}"
                 f" | {result['achieved_gflops']:.1f}"
                 f" | {100 * result['fraction_of_peak']:.0f}%"
-                f" | {rel.get('reference', float('nan')):.2f}"
-                f" | {rel.get('cross-encoder', float('nan')):.2f} |"
+                f" | {rel.get('reference', '–')} | {rel.get('cross-encoder', '–')} |"
             )
         if build := run.get("store_build"):
             lines.append(
