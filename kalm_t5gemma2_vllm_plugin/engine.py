@@ -23,6 +23,7 @@ from .engine_prompts import PromptBuilder
 from .errors import KaLMConfigError
 from .prompting import check_yes_no_tokens
 from .settings import EngineSettings
+from .store import PassageStore, StoreIdentity
 
 __all__ = [
     "SUPPORTED_VLLM",
@@ -72,6 +73,25 @@ def default_dtype() -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def open_passage_store(
+    path: str | os.PathLike[str],
+    model_path: str,
+    settings: EngineSettings,
+    dtype: str | None,
+) -> PassageStore:
+    """The store for an engine of these settings; refused if it was written with
+    other ones (model, chunk size, document_max_length, dtype, template)."""
+    return PassageStore(
+        path,
+        expected=StoreIdentity.for_engine(
+            model_path,
+            settings.chunk_size,
+            settings.document_max_length,
+            dtype or default_dtype(),
+        ),
+    )
 
 
 def engine_kwargs(

@@ -17,13 +17,13 @@ from .constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
 )
-from .engine import default_dtype, prepare_engine
+from .engine import open_passage_store, prepare_engine
 from .engine_prompts import DocumentId
 from .errors import KaLMEngineError, KaLMInputError
 from .hub import resolve_model
 from .scores import MarginReranker, RankResult
 from .settings import EngineSettings
-from .store import PassageStore, StoreIdentity
+from .store import PassageStore
 from .validation import (
     check_documents,
     check_pairs,
@@ -116,14 +116,8 @@ class KaLMVLLMReranker(MarginReranker):
         self.model = str(model)
         self.model_path = resolve_model(model)
         if passage_store is not None:
-            self.store = PassageStore(
-                passage_store,
-                expected=StoreIdentity.for_engine(
-                    self.model_path,
-                    self.settings.chunk_size,
-                    self.settings.document_max_length,
-                    dtype or default_dtype(),
-                ),
+            self.store = open_passage_store(
+                passage_store, self.model_path, self.settings, dtype
             )
         setup = prepare_engine(
             self.model_path,

@@ -26,7 +26,7 @@ from ..counters import EngineCounters
 from ..engine_prompts import PromptBuilder
 from ..scores import RankResult, rank_results
 from ..settings import EngineSettings
-from ..store import PassageStore, StoreIdentity
+from ..store import PassageStore
 from ..validation import check_str
 from .errors import APIError
 
@@ -101,18 +101,12 @@ class RerankService:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ..engine import default_dtype, prepare_engine
+        from ..engine import open_passage_store, prepare_engine
 
         config = self.config
         if config.passage_store is not None:
-            self.store = PassageStore(
-                config.passage_store,
-                expected=StoreIdentity.for_engine(
-                    config.model_path,
-                    config.settings.chunk_size,
-                    config.settings.document_max_length,
-                    config.dtype or default_dtype(),
-                ),
+            self.store = open_passage_store(
+                config.passage_store, config.model_path, config.settings, config.dtype
             )
         setup = prepare_engine(
             config.model_path,
