@@ -161,6 +161,4 @@ class PromptBuilder:
                 "Documents given by id need a passage store (passage_store=...).",
                 field="document_ids",
             )
-        return dict(
-            zip(ids, zip(store.records(ids), store.get(ids), strict=True), strict=True)
-        )
+        return dict(zip(ids, store.load(ids), strict=True))

@@ -181,15 +181,21 @@ class PassageStore:
     def records(self, ids: Sequence[str]) -> list[PassageRecord]:
         """Records in the order of ``ids``; ``KeyError`` names the unknown ones."""
         rows = self._rows(ids)
-        return [
-            PassageRecord(i, rows[i][0], rows[i][3], rows[i][4], bool(rows[i][5]))
-            for i in ids
-        ]
+        return [self._record(i, rows[i]) for i in ids]
 
     def get(self, ids: Sequence[str]) -> list[Any]:
         """Pooled states ``[rows, hidden]`` in the order of ``ids``."""
         rows = self._rows(ids)
         return [self._shard(rows[i][1]).get_tensor(rows[i][2]) for i in ids]
+
+    def load(self, ids: Sequence[str]) -> list[tuple[PassageRecord, Any]]:
+        """``(record, states)`` in the order of ``ids``, from one index read (so a
+        record always describes the states beside it, even during a rewrite)."""
+        rows = self._rows(ids)
+        return [
+            (self._record(i, rows[i]), self._shard(rows[i][1]).get_tensor(rows[i][2]))
+            for i in ids
+        ]
 
     def close(self) -> None:
         self._shards.clear()
@@ -215,6 +221,10 @@ class PassageStore:
                 f"Unknown document id(s) in passage store {self.root}: {shown}{more}."
             )
         return found
+
+    @staticmethod
+    def _record(passage_id: str, row: tuple[Any, ...]) -> PassageRecord:
+        return PassageRecord(passage_id, row[0], row[3], row[4], bool(row[5]))
 
     def _shard(self, name: str) -> Any:
         from safetensors import safe_open
