@@ -5,6 +5,7 @@ Layout of a store directory::
 
     index.sqlite     meta (what produced the store) and one row per passage:
                      id, text sha256, shard file, tensor name, rows, tokens
+    index.sqlite.creating  only while the first writer builds the index
     shards/*.safetensors   the pooled states [ceil(L/N), hidden], model dtype
     writer.lock      held (flock) by the one process allowed to write
 
@@ -14,7 +15,9 @@ durable commits and concurrent readers with no server. A write is "shard file
 first (written to a temp name, fsynced, renamed), then one SQLite transaction
 that points the ids at it": a process killed at any moment leaves every
 committed passage readable, and at worst an orphan shard that the next writer
-deletes. On shared or object storage several serving replicas can read the
+deletes. The index itself is created complete (schema and identity) under a
+temporary name and renamed into place, so a reader finds either no store or a
+whole one; a leftover temporary name reads as "being created". On shared or object storage several serving replicas can read the
 same store: shards are immutable once written, so they can be synced to
 object storage and served from a local cache, with ``index.sqlite`` shipped as
 a versioned snapshot (or moved to a shared database) when writes happen.
@@ -49,6 +52,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _INDEX, _LOCK, _SHARDS = "index.sqlite", "writer.lock", "shards"
+_CREATING = _INDEX + ".creating"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS passages (
@@ -169,9 +173,21 @@ class PassageStore:
     ) -> None:
         self.root = Path(path)
         if not (self.root / _INDEX).is_file():
+            if (self.root / _CREATING).exists():
+                raise KaLMConfigError(
+                    f"Passage store {self.root} is being created and is not ready "
+                    f"yet. If no kalm-vllm-encode is writing it, its creation was "
+                    f"interrupted: run kalm-vllm-encode again."
+                )
             raise KaLMConfigError(f"No passage store at {self.root} (no {_INDEX}).")
-        self._db = _connect(self.root / _INDEX)
-        self.identity = _read_identity(self._db, self.root)
+        try:
+            self._db = _connect(self.root / _INDEX)
+            self.identity = _read_identity(self._db, self.root)
+        except sqlite3.DatabaseError as error:
+            raise KaLMConfigError(
+                f"{self.root / _INDEX} is not a readable passage store index "
+                f"({error})."
+            ) from error
         _check(self.identity, expected, self.root)
         self._shards: OrderedDict[str, Any] = OrderedDict()
 
@@ -254,15 +270,10 @@ class PassageStoreWriter:
             raise KaLMConfigError(
                 f"Another process is writing to passage store {self.root}."
             ) from None
+        if not (self.root / _INDEX).exists():
+            _create_index(self.root, identity)
         self._db = _connect(self.root / _INDEX)
-        self._db.executescript(_SCHEMA)
-        if self._db.execute("SELECT 1 FROM meta WHERE key='identity'").fetchone():
-            _check(_read_identity(self._db, self.root), identity, self.root)
-        else:
-            self._db.execute(
-                "INSERT INTO meta VALUES ('identity', ?)",
-                (json.dumps(asdict(identity)),),
-            )
+        _check(_read_identity(self._db, self.root), identity, self.root)
         self.identity = identity
         self._remove_orphans()
 
@@ -331,6 +342,30 @@ class PassageStoreWriter:
         for path in (self.root / _SHARDS).iterdir():
             if path.suffix == ".tmp" or path.name not in live:
                 path.unlink(missing_ok=True)
+
+
+def _create_index(root: Path, identity: StoreIdentity) -> None:
+    """Build the whole index under a temporary name, then rename it into place.
+
+    Called with the writer lock held. WAL mode is recorded in the file header,
+    and closing the last connection folds the WAL back in, so the renamed file
+    stands alone. A leftover from a killed creator is rebuilt from scratch.
+    """
+    creating = root / _CREATING
+    for leftover in (creating, *(Path(f"{creating}{s}") for s in ("-wal", "-shm"))):
+        leftover.unlink(missing_ok=True)
+    db = _connect(creating)
+    try:
+        db.executescript(_SCHEMA)
+        db.execute(
+            "INSERT INTO meta VALUES ('identity', ?)", (json.dumps(asdict(identity)),)
+        )
+    finally:
+        db.close()
+    with open(creating, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(creating, root / _INDEX)
+    _fsync_dir(root)
 
 
 def _fsync_dir(path: Path) -> None:
