@@ -101,8 +101,8 @@ def _build_store(args: argparse.Namespace, workload: object) -> str:
     import json
     import shutil
 
-    from kalm_t5gemma2_vllm_plugin.encode import PassageEncoder, encode_corpus
-    from kalm_t5gemma2_vllm_plugin.store import StoreIdentity
+    from kalm_t5gemma2_vllm_plugin.store.encoder import PassageEncoder, encode_corpus
+    from kalm_t5gemma2_vllm_plugin.store.format import StoreIdentity
 
     shutil.rmtree(args.store, ignore_errors=True)
     corpus = Path(args.store + ".jsonl")

@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
-from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
 
 
 def main() -> None:

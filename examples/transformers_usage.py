@@ -7,7 +7,7 @@ python examples/transformers_usage.py --model KaLM-Embedding/KaLM-Reranker-V1-Na
 import argparse
 
 from kalm_t5gemma2_vllm_plugin.constants import MODEL_ID, SAMPLE_DOCUMENTS, SAMPLE_QUERY
-from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
+from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import importlib
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from .constants import (
+from kalm_t5gemma2_vllm_plugin.constants import (
     ARCHITECTURE,
     MODEL_ID,
     PASSAGE_MODALITY,
@@ -20,9 +20,13 @@ from .constants import (
 )
 
 if TYPE_CHECKING:
-    from .engine_prompts import DocumentId
-    from .reference import KaLMReranker
-    from .reranker import KaLMVLLMReranker
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
+    from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId
+    from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import (
+        KaLMVLLMReranker as KaLMVLLMOfflineReranker,
+    )
 
 try:
     __version__ = metadata.version("kalm-t5gemma2-vllm-plugin")
@@ -42,15 +46,17 @@ __all__ = [
     "KaLMVLLMOfflineReranker",
     "KaLMVLLMReranker",
     "__version__",
+    "make_checkpoint",
     "register",
 ]
 
 _LAZY = {
-    "DocumentId": ("engine_prompts", "DocumentId"),
-    "KaLMReranker": ("reference", "KaLMReranker"),
-    "KaLMVLLMReranker": ("reranker", "KaLMVLLMReranker"),
+    "DocumentId": ("engine.requests", "DocumentId"),
+    "KaLMReranker": ("rerankers.reference", "KaLMReranker"),
+    "KaLMVLLMReranker": ("rerankers.vllm", "KaLMVLLMReranker"),
     # Name used by the original KaLM vLLM adapter.
-    "KaLMVLLMOfflineReranker": ("reranker", "KaLMVLLMReranker"),
+    "KaLMVLLMOfflineReranker": ("rerankers.vllm", "KaLMVLLMReranker"),
+    "make_checkpoint": ("checkpoints.synthetic", "make_checkpoint"),
 }
 
 
@@ -62,7 +68,9 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, f"{__name__}.model:{ARCHITECTURE}")
+    ModelRegistry.register_model(
+        ARCHITECTURE, f"{__name__}.vllm_model.model:{ARCHITECTURE}"
+    )
 
 
 def __getattr__(name: str) -> Any:

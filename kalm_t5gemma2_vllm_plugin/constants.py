@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every named literal of the package: ids, defaults, template strings, env names."""
+"""Identity, the Gemma token ids the model depends on, and numeric defaults."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ ARCHITECTURE = "KaLMT5Gemma2Reranker"
 MODEL_ID = "KaLM-Embedding/KaLM-Reranker-V1-Nano"
 #: The custom vLLM modality that carries the document to the encoder.
 PASSAGE_MODALITY = "passage"
-#: Passage item key carrying precomputed pooled states (the passage store).
-STATES_FIELD = "passage_states"
 #: Bumped whenever the prompt, truncation or pooling rules change (store keys use it).
 TEMPLATE_VERSION = "kalm-v1"
 
@@ -31,21 +29,11 @@ YES_TOKEN = "yes"
 NO_TOKEN = "no"
 
 # --- prompt ------------------------------------------------------------------------
-DOCUMENT_PREFIX = "<Document>: "
 DEFAULT_SYSTEM_INSTRUCTION = (
     "Judge whether the Document meets the requirements based on the Query and the "
     'Instruct provided. Note that the answer can only be "yes" or "no".'
 )
 DEFAULT_INSTRUCTION = "Given a query, retrieve documents that answer the query."
-# The decoder prompt, character-exact (model.md §2.3). "<bos>" is literal text.
-DECODER_TEMPLATE = (
-    "<bos><start_of_turn>user\n{system_instruction}\n\n<Instruct>: {instruction}\n"
-    "<Query>: {query}<end_of_turn>\n<start_of_turn>model\n\n\n\n"
-)
-
-#: Separates query, instruction and document in the score-API template; a
-#: string no real text contains, and that every tokenizer decodes back as is.
-SCORE_SEPARATOR = "\u241eKaLM\u241e"
 
 # --- defaults ----------------------------------------------------------------------
 DEFAULT_QUERY_MAX_LENGTH = 512
@@ -56,14 +44,6 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 DECODER_PAD_TO_MULTIPLE_OF = 8
 SUPPORTED_ENCODER_CHUNK_SIZES = (1, 2, 4, 8, 16, 32)
-
-# --- hf_overrides keys the plugin model reads ----------------------------------------
-OVERRIDE_CHUNK_SIZE = "kalm_encoder_chunk_size"
-OVERRIDE_DOCUMENT_MAX_LENGTH = "kalm_document_max_length"
-OVERRIDE_QUERY_MAX_LENGTH = "kalm_query_max_length"
-OVERRIDE_ALLOW_PASSAGE_STATES = "kalm_allow_passage_states"
-OVERRIDE_DECODER_ONLY = "kalm_decoder_only"
-OVERRIDE_COUNTERS_PATH = "kalm_counters_path"
 
 # --- sample (model card) -------------------------------------------------------------
 SAMPLE_QUERY = "What is the capital of China?"

@@ -3,10 +3,18 @@
 
     KaLMError
     ├── KaLMInputError (ValueError)        bad argument from the caller -> HTTP 400
-    │   └── KaLMInputTypeError (TypeError) argument of the wrong type   -> HTTP 400
+    │   ├── KaLMInputTypeError (TypeError) argument of the wrong type   -> HTTP 400
+    │   ├── UnknownDocumentError (KeyError) id not in the passage store -> HTTP 404
+    │   ├── UnknownModelError              model name not served       -> HTTP 404
+    │   └── TooManyItemsError              over a per-request limit    -> HTTP 413
     ├── KaLMConfigError (RuntimeError)     unusable checkpoint/engine setup
-    ├── KaLMEngineError (RuntimeError)     failure inside the engine    -> HTTP 500/503
+    ├── KaLMEngineError (RuntimeError)     failure inside the engine    -> HTTP 500
+    │   ├── EngineUnavailableError         starting, stopped or died    -> HTTP 503
+    │   └── OverloadedError                too many requests in flight  -> HTTP 429
     └── KaLMHTTPError (RuntimeError)       non-2xx answer seen by the client
+
+Status codes are chosen in one place, ``server/errors.py``; nothing else in the
+package knows HTTP.
 
 Input errors subclass ``ValueError``/``TypeError`` so callers that catch the
 builtin types (as with the original KaLM adapter) keep working.
@@ -21,6 +29,11 @@ __all__ = [
     "KaLMHTTPError",
     "KaLMInputError",
     "KaLMInputTypeError",
+    "OverloadedError",
+    "TooManyItemsError",
+    "EngineUnavailableError",
+    "UnknownDocumentError",
+    "UnknownModelError",
 ]
 
 
@@ -40,12 +53,47 @@ class KaLMInputTypeError(KaLMInputError, TypeError):
     """A caller-supplied value has the wrong type."""
 
 
+class UnknownDocumentError(KaLMInputError, KeyError):
+    """Documents given by id that the passage store does not hold.
+
+    Also a ``KeyError``, so callers that looked ids up like a mapping keep
+    working; ``str()`` is the message (not ``KeyError``'s quoted repr).
+    """
+
+    def __init__(self, message: str, ids: list[str]) -> None:
+        super().__init__(message, field="document_ids")
+        self.ids = ids
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownModelError(KaLMInputError):
+    """A request named a model this server does not serve."""
+
+
+class TooManyItemsError(KaLMInputError):
+    """A request holds more items than this server accepts."""
+
+
 class KaLMConfigError(KaLMError, RuntimeError):
     """The checkpoint, tokenizer or engine settings cannot work together."""
 
 
 class KaLMEngineError(KaLMError, RuntimeError):
     """The engine failed or returned something unusable."""
+
+
+class EngineUnavailableError(KaLMEngineError):
+    """The engine is starting, stopped or dead; the request may be retried."""
+
+
+class OverloadedError(KaLMEngineError):
+    """Too many requests are in flight; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class KaLMHTTPError(KaLMError, RuntimeError):

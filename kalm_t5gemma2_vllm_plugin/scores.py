@@ -1,17 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""From margins to scores and ranked records; shared by every reranker."""
+"""From margins to scores and ranked records; shared by every score path."""
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Literal, NotRequired, TypedDict, overload
-
-from .validation import check_documents, check_str, check_top_k
+from typing import NotRequired, TypedDict
 
 __all__ = [
-    "MarginReranker",
     "RankResult",
     "ScoreWithMargin",
     "rank_results",
@@ -56,80 +52,3 @@ def rank_results(
             record["margin"] = float(margins[i])
         results.append(record)
     return results
-
-
-class MarginReranker(ABC):
-    """``predict`` and ``rank`` on top of one ``margins`` method.
-
-    Every reranker of the package (the Transformers reference, the vLLM one)
-    computes margins its own way and shares this contract, so validation,
-    ordering and record shapes are the same everywhere. Extra keyword arguments
-    (e.g. the reference's ``batch_size``) go to ``margins``.
-    """
-
-    @abstractmethod
-    def margins(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = None,
-        **options: Any,
-    ) -> list[float]:
-        """``yes_logit - no_logit`` (float32) per pair, in input order."""
-
-    @overload
-    def predict(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = ...,
-        return_margin: Literal[False] = ...,
-        **options: Any,
-    ) -> list[float]: ...
-
-    @overload
-    def predict(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = ...,
-        return_margin: Literal[True],
-        **options: Any,
-    ) -> list[ScoreWithMargin]: ...
-
-    def predict(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = None,
-        return_margin: bool = False,
-        **options: Any,
-    ) -> list[float] | list[ScoreWithMargin]:
-        """P(yes) for each ``(query, document)`` pair, in input order.
-
-        With ``return_margin=True`` each item is ``{"score", "margin"}`` where
-        ``margin = yes_logit - no_logit`` and ``score = sigmoid(margin)``.
-        """
-        margins = self.margins(pairs, instruction=instruction, **options)
-        if return_margin:
-            return [{"score": score_from_margin(m), "margin": m} for m in margins]
-        return [score_from_margin(m) for m in margins]
-
-    def rank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        instruction: str | None = None,
-        top_k: int | None = None,
-        return_margin: bool = False,
-        **options: Any,
-    ) -> list[RankResult]:
-        """``[{"corpus_id", "score"[, "margin"]}]`` sorted by score; ties by index."""
-        query = check_str(query, "query")
-        documents = check_documents(documents)
-        top_k = check_top_k(top_k)
-        margins = self.margins(
-            [(query, doc) for doc in documents], instruction=instruction, **options
-        )
-        return rank_results(margins, top_k=top_k, return_margin=return_margin)

@@ -20,8 +20,8 @@ from transformers.models.t5gemma2.modeling_t5gemma2 import (
     T5Gemma2TextEncoder,
 )
 
-from .constants import NO_TOKEN_ID, PAD_TOKEN_ID, YES_TOKEN_ID
-from .pooling import mep_pool
+from kalm_t5gemma2_vllm_plugin.constants import NO_TOKEN_ID, PAD_TOKEN_ID, YES_TOKEN_ID
+from kalm_t5gemma2_vllm_plugin.mep import mep_pool
 
 __all__ = [
     "build_decoder",

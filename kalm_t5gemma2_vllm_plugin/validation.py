@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .constants import SUPPORTED_ENCODER_CHUNK_SIZES
-from .errors import KaLMInputError, KaLMInputTypeError
+from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
+from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError, KaLMInputTypeError
 
 __all__ = [
     "check_documents",
@@ -16,9 +16,21 @@ __all__ = [
     "check_str",
     "check_top_k",
     "parse_chunk_size",
+    "parse_dtype",
 ]
 
 _NO_POOLING = ("", "none", "null")
+#: Spellings accepted for a dtype -> the one name vLLM, torch and stores use.
+_DTYPE_NAMES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -111,3 +123,21 @@ def check_pairs(pairs: Any, name: str = "pairs") -> list[tuple[str, str]]:
         document = check_str(pair[1], f"{name}[{i}][1] (document)")
         checked.append((query, document))
     return checked
+
+
+def parse_dtype(value: Any, name: str = "dtype") -> str | None:
+    """One canonical dtype name (``"bfloat16"``, ``"float16"``, ``"float32"``).
+
+    Accepts the usual spellings (``bf16``, ``fp32``, ``half`` ...) and
+    ``torch.dtype`` objects; ``None`` stays ``None`` (the caller's default).
+    """
+    if value is None:
+        return None
+    key = str(value).removeprefix("torch.").strip().lower()
+    if key not in _DTYPE_NAMES:
+        raise KaLMInputError(
+            f"{name} must be one of {sorted(set(_DTYPE_NAMES.values()))} (or "
+            f"bf16/fp16/fp32), got {value!r}.",
+            field=name,
+        )
+    return _DTYPE_NAMES[key]

@@ -28,7 +28,7 @@ from tests.helpers import corpus_docs, run_encode, write_corpus  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("kalm-tiny"), "tiny", seed=0)
 
@@ -36,7 +36,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def window_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three layers, a sliding window of 6: most test documents exceed it."""
-    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
 
     return make_checkpoint(
         tmp_path_factory.mktemp("kalm-window"),
@@ -50,9 +50,9 @@ def window_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
-    from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 
-    return KaLMReranker(str(tiny_checkpoint))
+    return KaLMReranker(str(tiny_checkpoint), dtype="float32")
 
 
 @pytest.fixture(scope="module")

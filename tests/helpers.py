@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kalm_t5gemma2_vllm_plugin import encode
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+from kalm_t5gemma2_vllm_plugin.cli import encode
 
 #: Largest |margin difference| tolerated between any score path and the
 #: reference on the same checkpoint, in float32.
@@ -66,6 +66,8 @@ def run_encode(
                 str(corpus),
                 "--store",
                 str(store),
+                # the tests' engines run float32, also on a CUDA host
+                *(() if "--dtype" in extra else ("--dtype", "float32")),
                 *extra,
             ]
         )

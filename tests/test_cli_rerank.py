@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kalm_t5gemma2_vllm_plugin import cli
+from kalm_t5gemma2_vllm_plugin.cli import rerank as cli
 from kalm_t5gemma2_vllm_plugin.constants import SAMPLE_DOCUMENTS, SAMPLE_QUERY
-from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
+from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 from tests.helpers import MARGIN_ATOL
 
 pytestmark = pytest.mark.engine
@@ -176,6 +176,6 @@ def test_bad_flags_fail_clearly(
     tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["--model", str(tiny_checkpoint), "--encoder-chunk-size", "3"]) == 2
-    assert "encoder_chunk_size must be one of" in capsys.readouterr().err
+    assert "error: --encoder-chunk-size must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--top-k", "-1"])

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .flops import Dims, kalm_flops, qwen3_flops
-from .workload import Workload
+from kalm_t5gemma2_vllm_plugin.bench.flops import Dims, kalm_flops, qwen3_flops
+from kalm_t5gemma2_vllm_plugin.bench.workload import Workload
 
 __all__ = ["DEFAULT_WORKDIR", "ENGINES", "main"]
 
@@ -96,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _checkpoints(preset: str, workdir: Path, engines: Sequence[str]) -> dict[str, Path]:
     """Generate (once) the KaLM and cross-encoder checkpoints the run needs."""
-    from ..testing import make_checkpoint, make_cross_encoder_checkpoint
+    from kalm_t5gemma2_vllm_plugin.checkpoints.qwen3_peer import (
+        make_cross_encoder_checkpoint,
+    )
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
 
     paths = {"kalm": workdir / f"kalm-{preset}-seed0"}
     qwen_preset = "tiny" if preset == "tiny" else "qwen3-0.6b"
@@ -117,7 +120,7 @@ def _checkpoints(preset: str, workdir: Path, engines: Sequence[str]) -> dict[str
 
 
 def _run_worker(config: dict[str, Any], threads: int) -> dict[str, Any]:
-    from .worker import RESULT_PREFIX
+    from kalm_t5gemma2_vllm_plugin.bench.worker import RESULT_PREFIX
 
     env = {
         **os.environ,
@@ -258,7 +261,7 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kalm-vllm-bench``."""
     args = _parser().parse_args(argv)
     if args.dtype is None:

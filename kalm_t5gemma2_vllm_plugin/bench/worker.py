@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .workload import Workload, qwen3_reranker_prompt
+from kalm_t5gemma2_vllm_plugin.bench.workload import Workload, qwen3_reranker_prompt
 
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -51,8 +51,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 def _kalm_tokens(
     tokenizer: Any, workload: Workload, chunk_size: int | None
 ) -> dict[str, float]:
-    from ..pooling import pooled_length
-    from ..prompting import decoder_prompt_ids, encode_document
+    from kalm_t5gemma2_vllm_plugin.mep import pooled_length
+    from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids, encode_document
 
     query = workload.query(0, 0)
     doc = workload.document_set(0)[0]
@@ -67,7 +67,7 @@ def _kalm_tokens(
 
 
 def run_reference(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
-    from ..reference import KaLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 
     reranker = KaLMReranker(
         config["checkpoint"], dtype=config["dtype"], chunk_size=config["chunk_size"]
@@ -82,7 +82,7 @@ def run_reference(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
 def run_vllm(
     config: dict[str, Any], workload: Workload, *, warm: bool
 ) -> dict[str, Any]:
-    from ..reranker import KaLMVLLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
 
     reranker = KaLMVLLMReranker(
         config["checkpoint"],
@@ -121,8 +121,8 @@ def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, An
     import shutil
     from pathlib import Path
 
-    from ..encode import PassageEncoder, encode_corpus
-    from ..store import StoreIdentity
+    from kalm_t5gemma2_vllm_plugin.store.encoder import PassageEncoder, encode_corpus
+    from kalm_t5gemma2_vllm_plugin.store.format import StoreIdentity
 
     store = Path(config["store"])
     shutil.rmtree(store, ignore_errors=True)
@@ -166,7 +166,7 @@ def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, An
 
 def run_vllm_store(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
     """Rank stored passages by id on a decoder-only engine (no encoder loaded)."""
-    from ..reranker import KaLMVLLMReranker
+    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
 
     reranker = KaLMVLLMReranker(
         config["checkpoint"],

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..constants import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_INSTRUCTION
-from ..testing import synthetic_text
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+from kalm_t5gemma2_vllm_plugin.constants import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_SYSTEM_INSTRUCTION,
+)
 
 __all__ = ["Workload", "qwen3_reranker_prompt"]
 

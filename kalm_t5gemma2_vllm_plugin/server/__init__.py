@@ -14,11 +14,14 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from .errors import install_error_handlers, json_error_bytes
-from .metrics import ServiceMetrics
-from .routes import router
-from .service import RerankService, ServiceConfig
+from kalm_t5gemma2_vllm_plugin import __version__
+from kalm_t5gemma2_vllm_plugin.server.errors import (
+    install_error_handlers,
+    json_error_bytes,
+)
+from kalm_t5gemma2_vllm_plugin.server.metrics import ServiceMetrics
+from kalm_t5gemma2_vllm_plugin.server.routes import router
+from kalm_t5gemma2_vllm_plugin.server.service import RerankService, ServiceConfig
 
 __all__ = ["ServiceConfig", "create_app"]
 

@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import KaLMInputError
+from kalm_t5gemma2_vllm_plugin import errors
 
-__all__ = ["APIError", "error_body", "install_error_handlers"]
+__all__ = ["APIError", "api_error", "error_body", "install_error_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,36 @@ class APIError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+
+
+#: The package's errors -> (status, type), most specific first.
+_STATUS: list[tuple[type[errors.KaLMError], int, str]] = [
+    (errors.UnknownDocumentError, 404, "document_not_found"),
+    (errors.UnknownModelError, 404, "model_not_found"),
+    (errors.TooManyItemsError, 413, "too_many_items"),
+    (errors.KaLMInputError, 400, "invalid_request"),
+    (errors.EngineUnavailableError, 503, "unavailable"),
+    (errors.OverloadedError, 429, "overloaded"),
+]
+
+
+def api_error(exc: errors.KaLMError) -> APIError:
+    """The HTTP face of one of the package's errors."""
+    for kind, status, type_ in _STATUS:
+        if isinstance(exc, kind):
+            headers = (
+                {"Retry-After": str(exc.retry_after)}
+                if isinstance(exc, errors.OverloadedError)
+                else None
+            )
+            field = getattr(exc, "field", None)
+            return APIError(status, type_, str(exc), field=field, headers=headers)
+    # Engine and configuration faults: a generic message, the details in the log.
+    logger.error("Engine error: %s", exc)
+    message = "The engine returned an unusable result."
+    if not isinstance(exc, errors.KaLMEngineError):
+        message = "Internal server error."
+    return APIError(500, "internal_error", message)
 
 
 def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -100,11 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(_validation_error(exc))
 
-    @app.exception_handler(KaLMInputError)
-    async def _input(request: Request, exc: KaLMInputError) -> JSONResponse:
-        return error_response(
-            APIError(400, "invalid_request", str(exc), field=exc.field)
-        )
+    @app.exception_handler(errors.KaLMError)
+    async def _kalm(request: Request, exc: errors.KaLMError) -> JSONResponse:
+        return error_response(api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

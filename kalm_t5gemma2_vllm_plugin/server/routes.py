@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..engine_prompts import DocumentId
-from ..scores import score_from_margin
-from . import schemas as S
-from .errors import APIError
-from .service import RankOutcome, RerankService
+from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId
+from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
+from kalm_t5gemma2_vllm_plugin.server import schemas as S
+from kalm_t5gemma2_vllm_plugin.server.errors import APIError
+from kalm_t5gemma2_vllm_plugin.server.service import RankOutcome, RerankService
 
 __all__ = ["router"]
 

@@ -17,18 +17,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..constants import (
-    DEFAULT_INSTRUCTION,
-    DEFAULT_SYSTEM_INSTRUCTION,
-    SUPPORTED_ENCODER_CHUNK_SIZES,
+from kalm_t5gemma2_vllm_plugin import errors
+from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
+from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions, EngineSession
+from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
+    async_engine_classes,
+    margin_from_encode,
+    request_error_types,
 )
-from ..counters import EngineCounters
-from ..engine_prompts import PromptBuilder
-from ..scores import RankResult, rank_results
-from ..settings import EngineSettings
-from ..store import PassageStore
-from ..validation import check_str
-from .errors import APIError
+from kalm_t5gemma2_vllm_plugin.scores import RankResult, rank_results
 
 __all__ = ["RankOutcome", "RerankService", "ScoredPairs", "ServiceConfig"]
 
@@ -39,24 +36,17 @@ logger = logging.getLogger(__name__)
 class ServiceConfig:
     """Everything ``kalm-vllm-serve`` configures (flags map 1:1)."""
 
-    model: str
-    model_path: str
-    settings: EngineSettings
-    max_model_len: int
-    batch_size: int
-    dtype: str | None = None
-    gpu_memory_utilization: float | None = None
-    instruction: str = DEFAULT_INSTRUCTION
-    system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION
+    engine: EngineOptions
     served_model_names: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_documents: int = 4096
     max_pairs: int = 4096
     max_body_bytes: int = 32 * 1024 * 1024
     max_concurrent_requests: int = 64
-    #: A passage store (kalm-vllm-encode) for documents given by id.
-    passage_store: str | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.engine.model
 
 
 @dataclass
@@ -74,16 +64,13 @@ class RankOutcome:
 
 
 class RerankService:
+    """``EngineSession`` + ``AsyncLLM.encode``: one engine request per pair."""
+
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.state = "starting"
         self.started_at = time.monotonic()
-        self.engine: Any = None
-        self.prompts: PromptBuilder | None = None
-        self.dtype: str | None = config.dtype
-        self._counters: EngineCounters | None = None
-        self.store: PassageStore | None = None
-        self._counters_at_start: dict[str, int] = {}
+        self.session: EngineSession | None = None
         self._in_flight = 0
 
     # --- lifecycle ------------------------------------------------------------------
@@ -98,54 +85,38 @@ class RerankService:
         logger.info("KaLM engine ready (%s, dtype %s)", self.config.model, self.dtype)
 
     def _start_engine(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from ..engine import open_passage_store, prepare_engine
-
-        config = self.config
-        if config.passage_store is not None:
-            self.store = open_passage_store(
-                config.passage_store, config.model_path, config.settings, config.dtype
-            )
-        setup = prepare_engine(
-            config.model_path,
-            config.settings,
-            instruction=config.instruction,
-            system_instruction=config.system_instruction,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            batch_size=config.batch_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            **config.engine_args,
+        engine_args_cls, async_llm, _ = async_engine_classes()
+        session = EngineSession(self.config.engine)
+        session.start(
+            lambda args: async_llm.from_engine_args(engine_args_cls(**args)),
+            lambda engine: engine.shutdown(),
         )
-        self.prompts, self._counters = setup.prompts, setup.counters
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**setup.engine_args))
-        self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
-        self._counters_at_start = self._counters.snapshot()
+        self.session = session
 
     async def shutdown(self) -> None:
-        engine, self.engine = self.engine, None
+        session, self.session = self.session, None
         if self.state != "failed":
             self.state = "stopped"
-        if engine is not None:
-            await asyncio.to_thread(engine.shutdown)
-        if self._counters is not None:
-            self._counters.unlink()
-            self._counters = None
-        if self.store is not None:
-            self.store.close()
+        if session is not None:
+            await asyncio.to_thread(session.close)
+
+    @property
+    def dtype(self) -> str | None:
+        return self.config.engine.dtype if self.session is None else self.session.dtype
 
     @property
     def ready(self) -> bool:
         return (
             self.state == "ready"
-            and self.engine is not None
-            and not self.engine.errored
+            and self.session is not None
+            and self.session.engine is not None
+            and not self.session.engine.errored
         )
 
     def health(self) -> dict[str, Any]:
-        config, settings = self.config, self.config.settings
+        config, options = self.config, self.config.engine
+        settings = options.settings
+        store = None if self.session is None else self.session.store
         return {
             "status": "ok" if self.ready else self.state,
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
@@ -155,12 +126,12 @@ class RerankService:
             "query_max_length": settings.query_max_length,
             "document_max_length": settings.document_max_length,
             "encoder_chunk_size": settings.chunk_size,
-            "max_model_len": config.max_model_len,
-            "passage_store": config.passage_store,
-            "passages_in_store": None if self.store is None else len(self.store),
+            "max_model_len": options.max_model_len,
+            "passage_store": options.passage_store,
+            "passages_in_store": None if store is None else len(store),
             "decoder_only": settings.decoder_only,
-            "batch_size": config.batch_size,
-            "gpu_memory_utilization": config.gpu_memory_utilization,
+            "batch_size": options.batch_size,
+            "gpu_memory_utilization": options.gpu_memory_utilization,
             "supported_encoder_chunk_sizes": list(SUPPORTED_ENCODER_CHUNK_SIZES),
             "requests_in_flight": self._in_flight,
             "limits": {
@@ -172,10 +143,7 @@ class RerankService:
         }
 
     def engine_counters(self) -> dict[str, int]:
-        if self._counters is None:
-            return {}
-        now = self._counters.snapshot()
-        return {k: now[k] - self._counters_at_start.get(k, 0) for k in now}
+        return {} if self.session is None else self.session.stats()
 
     # --- request checks -------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -187,18 +155,14 @@ class RerankService:
 
     def check_model(self, model: str | None) -> None:
         if model and model not in self.model_names():
-            raise APIError(
-                404,
-                "model_not_found",
+            raise errors.UnknownModelError(
                 f"model {model!r} is not served here; served: {self.model_names()}.",
                 field="model",
             )
 
     def check_count(self, count: int, name: str, limit: int) -> None:
         if count > limit:
-            raise APIError(
-                413,
-                "too_many_items",
+            raise errors.TooManyItemsError(
                 f"{name} has {count} items; this server accepts at most "
                 f"{limit} per request.",
                 field=name,
@@ -208,14 +172,11 @@ class RerankService:
     def admit(self) -> Iterator[None]:
         """Bound the requests in flight: beyond the limit answer 429, not a queue."""
         if not self.ready:
-            raise APIError(503, "unavailable", f"The engine is {self.state}.")
+            raise errors.EngineUnavailableError(f"The engine is {self.state}.")
         if self._in_flight >= self.config.max_concurrent_requests:
-            raise APIError(
-                429,
-                "overloaded",
+            raise errors.OverloadedError(
                 f"{self._in_flight} requests are in flight (limit "
-                f"{self.config.max_concurrent_requests}); retry later.",
-                headers={"Retry-After": "1"},
+                f"{self.config.max_concurrent_requests}); retry later."
             )
         self._in_flight += 1
         try:
@@ -231,22 +192,9 @@ class RerankService:
         *,
         document_max_length: int | None = None,
     ) -> ScoredPairs:
-        assert self.prompts is not None
-        if instruction is None:
-            instruction = self.config.instruction
-        else:
-            self.prompts.check_instruction(check_str(instruction, "instruction"))
-        try:
-            prompts = self.prompts.build(
-                list(pairs),
-                instruction,
-                document_max_length=document_max_length,
-                store=self.store,
-            )
-        except KeyError as exc:  # ids the store does not hold
-            raise APIError(
-                404, "document_not_found", exc.args[0], field="document_ids"
-            ) from None
+        prompts = self._session().build(
+            list(pairs), instruction, document_max_length=document_max_length
+        )
         margins = await asyncio.gather(*(self._margin(p.prompt) for p in prompts))
         return ScoredPairs(
             margins=list(margins),
@@ -275,23 +223,26 @@ class RerankService:
             scored.num_tokens,
         )
 
+    def _session(self) -> EngineSession:
+        if self.session is None:
+            raise errors.EngineUnavailableError(f"The engine is {self.state}.")
+        return self.session
+
     async def _margin(self, prompt: dict[str, Any]) -> float:
         from vllm import PoolingParams
-        from vllm.v1.engine.exceptions import EngineDeadError
 
+        _, _, engine_dead = async_engine_classes()
+        engine = self._session().engine
         params = PoolingParams(task="classify", use_activation=False)
         final = None
         try:
-            async for output in self.engine.encode(prompt, params, uuid.uuid4().hex):
+            async for output in engine.encode(prompt, params, uuid.uuid4().hex):
                 final = output
-        except EngineDeadError as exc:
-            raise APIError(503, "unavailable", "The engine has died.") from exc
-        except ValueError as exc:  # vLLM's input validation
-            raise APIError(400, "invalid_request", str(exc)) from exc
+        except engine_dead as exc:
+            raise errors.EngineUnavailableError("The engine has died.") from exc
+        except errors.KaLMInputError:
+            raise
+        except request_error_types() as exc:  # vLLM's own input validation
+            raise errors.KaLMInputError(str(exc)) from exc
         assert final is not None
-        margin = float(final.outputs.data.reshape(-1)[0])
-        if margin != margin or abs(margin) == float("inf"):
-            raise APIError(
-                500, "internal_error", "The engine returned a non-finite score."
-            )
-        return margin
+        return margin_from_encode(final)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
-from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 from tests.helpers import MARGIN_ATOL, QUERY, fidelity_documents
 
 CHUNK_SIZES = [1, 2, 4, 8, 16, 32, None]
@@ -39,6 +39,7 @@ def test_margins_match_reference(
         chunk_size=chunk_size,
         query_max_length=LIMITS["query_max_length"],
         max_length=LIMITS["document_max_length"],
+        dtype="float32",
     ).margins(pairs)
     with KaLMVLLMReranker(
         checkpoint,
@@ -74,7 +75,9 @@ def test_bfloat16_margin_difference_is_measured(
         f"\nbf16 engine vs fp32 reference, tiny checkpoint, 64 pairs: "
         f"max |margin diff| = {worst:.4f}"
     )
-    assert worst < 5.0  # guards against garbage only; not a tolerance
+    # README quotes 0.043 on this checkpoint; 0.25 leaves room for another CPU's
+    # bf16 kernels while an engine returning zeros (margins spread ~±5) fails.
+    assert worst < 0.25
 
 
 @pytest.mark.engine
@@ -84,7 +87,7 @@ def test_bf16_checkpoint_in_float32_matches_reference(tmp_path: Path) -> None:
     hidden_size 48: sqrt(48) differs between bf16 and fp32, so an embedding
     scale computed in the storage dtype would show up here.
     """
-    from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
 
     checkpoint = str(
         make_checkpoint(tmp_path / "bf16", dtype="bfloat16", hidden_size=48)

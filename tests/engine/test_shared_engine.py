@@ -8,9 +8,9 @@ from importlib import resources
 import pytest
 
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
-from kalm_t5gemma2_vllm_plugin.prompting import decoder_prompt_ids
-from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids
+from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 from tests.helpers import BATCH_ATOL, MARGIN_ATOL, QUERY, fidelity_documents
 
 pytestmark = pytest.mark.engine
@@ -30,7 +30,7 @@ def test_a_pair_scores_the_same_alone_and_among_fifty(engine: KaLMVLLMReranker) 
     mixed = engine.margins(others[:25] + [target] + others[25:])[25]
     assert abs(alone - mixed) <= BATCH_ATOL
     # and the mixed batch itself matches the reference
-    expected = KaLMReranker(engine.model_path).margins(others)
+    expected = KaLMReranker(engine.model_path, dtype="float32").margins(others)
     got = engine.margins(others)
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= MARGIN_ATOL
 
@@ -50,7 +50,7 @@ def test_llm_score_agrees_with_predict(engine: KaLMVLLMReranker) -> None:
     docs = list(fidelity_documents().values())
     for query in (QUERY, synthetic_text(600, seed=5)):  # the second one gets truncated
         expected = engine.predict([(query, doc) for doc in docs])
-        outputs = engine._llm.score(query, docs, use_tqdm=False)
+        outputs = engine.llm.score(query, docs, use_tqdm=False)
         got = [o.outputs.score for o in outputs]
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-6
 
@@ -70,7 +70,7 @@ def test_score_template_passes_a_per_request_instruction(
     params = PoolingParams(
         extra_kwargs={"chat_template_kwargs": {"instruction": instruction}}
     )
-    outputs = engine._llm.score(
+    outputs = engine.llm.score(
         QUERY, docs, chat_template=template, pooling_params=params, use_tqdm=False
     )
     got = [o.outputs.score for o in outputs]
@@ -83,7 +83,7 @@ def test_score_template_passes_a_per_request_instruction(
 def test_plain_classify_returns_p_yes(engine: KaLMVLLMReranker) -> None:
     ids = decoder_prompt_ids(engine.tokenizer, QUERY, query_max_length=512)
     docs = ["The capital of China is Beijing.", ""]
-    outputs = engine._llm.classify(
+    outputs = engine.llm.classify(
         [{"prompt_token_ids": ids, "multi_modal_data": {"passage": d}} for d in docs],
         use_tqdm=False,
     )

@@ -8,11 +8,11 @@ import torch
 from transformers import AutoTokenizer, T5Gemma2ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from kalm_t5gemma2_vllm_plugin import prompting
+from kalm_t5gemma2_vllm_plugin import prompt as prompting
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
-from kalm_t5gemma2_vllm_plugin.reference import KaLMReranker
+from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
 from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
 from tests.helpers import BATCH_ATOL, QUERY, fidelity_documents
 
 
@@ -62,7 +62,9 @@ def test_matches_a_hand_written_model_card_forward(tiny_checkpoint: Path) -> Non
             .float()
         )
     expected = float(logits[4443] - logits[1904])
-    got = KaLMReranker(str(tiny_checkpoint), chunk_size=2).margins([(QUERY, doc)])[0]
+    got = KaLMReranker(str(tiny_checkpoint), chunk_size=2, dtype="float32").margins(
+        [(QUERY, doc)]
+    )[0]
     assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -94,7 +96,7 @@ def test_a_pair_alone_scores_as_in_a_mixed_batch(reference: KaLMReranker) -> Non
 
 
 def test_sliding_window_shorter_than_documents(window_checkpoint: Path) -> None:
-    reranker = KaLMReranker(str(window_checkpoint), chunk_size=4)
+    reranker = KaLMReranker(str(window_checkpoint), chunk_size=4, dtype="float32")
     assert reranker.model.config.encoder.text_config.sliding_window == 6
     pairs = [(QUERY, synthetic_text(n, seed=n)) for n in (3, 40, 150)]
     alone = [reranker.margins([p])[0] for p in pairs]
@@ -116,8 +118,12 @@ def test_instruction_changes_the_score(reference: KaLMReranker) -> None:
 
 def test_chunk_size_none_equals_one(tiny_checkpoint: Path) -> None:
     pairs = [(QUERY, doc) for doc in fidelity_documents().values()]
-    none = KaLMReranker(str(tiny_checkpoint), chunk_size=None).margins(pairs)
-    one = KaLMReranker(str(tiny_checkpoint), chunk_size=1).margins(pairs)
+    none = KaLMReranker(str(tiny_checkpoint), chunk_size=None, dtype="float32").margins(
+        pairs
+    )
+    one = KaLMReranker(str(tiny_checkpoint), chunk_size=1, dtype="float32").margins(
+        pairs
+    )
     assert max(abs(a - b) for a, b in zip(none, one, strict=True)) <= 1e-5
 
 
@@ -144,7 +150,7 @@ def test_constructor_validates(
     tiny_checkpoint: Path, kwargs: dict, error: type, message: str
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
-        KaLMReranker(str(tiny_checkpoint), **kwargs)
+        KaLMReranker(str(tiny_checkpoint), dtype="float32", **kwargs)
 
 
 def test_calls_validate(reference: KaLMReranker) -> None:
@@ -167,7 +173,7 @@ def test_missing_model_fails_in_one_sentence(tmp_path: Path) -> None:
         match="is not a local directory and could not be "
         "fetched from the Hugging Face Hub",
     ):
-        KaLMReranker("KaLM-Embedding/does-not-exist-here")
+        KaLMReranker("KaLM-Embedding/does-not-exist-here", dtype="float32")
     (tmp_path / "empty").mkdir()
     with pytest.raises(KaLMConfigError, match="has no config.json"):
-        KaLMReranker(str(tmp_path / "empty"))
+        KaLMReranker(str(tmp_path / "empty"), dtype="float32")

@@ -80,7 +80,7 @@ def kalm_serve(checkpoint: Path, tmp: Path, *extra: str) -> RunningServer:
     command = [
         sys.executable,
         "-m",
-        "kalm_t5gemma2_vllm_plugin.server.cli",
+        "kalm_t5gemma2_vllm_plugin.cli.serve",
         "--model",
         str(checkpoint),
         "--port",

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
 from tests.server.conftest import RunningServer, kalm_serve
 
 pytestmark = pytest.mark.server

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
-from kalm_t5gemma2_vllm_plugin.settings import EngineSettings
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 from tests.helpers import QUERY
 from tests.server.conftest import RunningServer, free_port, start_server
 

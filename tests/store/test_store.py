@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from kalm_t5gemma2_vllm_plugin import DocumentId, KaLMVLLMReranker
-from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
-from kalm_t5gemma2_vllm_plugin.store import (
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.store.format import (
     PassageStore,
     PassageStoreWriter,
     StoreIdentity,
     text_sha256,
 )
-from kalm_t5gemma2_vllm_plugin.testing import synthetic_text
 from tests.helpers import QUERY, corpus_docs, run_encode, write_corpus
 
 pytestmark = pytest.mark.engine
@@ -65,8 +65,11 @@ def test_rank_mixes_text_and_ids(engine: KaLMVLLMReranker) -> None:
 
 
 def test_unknown_ids_raise_a_key_error_naming_them(engine: KaLMVLLMReranker) -> None:
-    with pytest.raises(KeyError, match=re.escape("'missing-1', 'missing-2'")):
+    # a KaLMInputError (field document_ids) that is also a KeyError
+    with pytest.raises(KeyError, match=re.escape("'missing-1', 'missing-2'")) as e:
         engine.rank(QUERY, document_ids=["doc-1", "missing-1", "missing-2"])
+    assert isinstance(e.value, KaLMInputError) and e.value.field == "document_ids"
+    assert e.value.ids == ["missing-1", "missing-2"]
 
 
 def test_store_records_what_produced_it(store: Path, tiny_checkpoint: Path) -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
-from kalm_t5gemma2_vllm_plugin.store import PassageStore, StoreIdentity
+from kalm_t5gemma2_vllm_plugin.store.format import PassageStore, StoreIdentity
 
 IDENTITY = StoreIdentity("f" * 32, 4, 1024, "kalm-v1", "float32")
 
 _CREATOR = """
 import sys
 from pathlib import Path
-from kalm_t5gemma2_vllm_plugin.store import PassageStoreWriter, StoreIdentity
+from kalm_t5gemma2_vllm_plugin.store.format import PassageStoreWriter, StoreIdentity
 identity = StoreIdentity("f" * 32, 4, 1024, "kalm-v1", "float32")
 root = Path(sys.argv[1])
 for i in range(int(sys.argv[2])):
@@ -66,7 +66,7 @@ def test_a_reader_racing_the_creator_sees_no_store_or_a_complete_one(
 
 def test_a_store_whose_creator_died_reads_as_being_created(tmp_path: Path) -> None:
     """The state a creator killed before its first commit leaves behind."""
-    from kalm_t5gemma2_vllm_plugin.store import PassageStoreWriter
+    from kalm_t5gemma2_vllm_plugin.store.format import PassageStoreWriter
 
     root = tmp_path / "store"
     PassageStoreWriter(root, IDENTITY).close()

@@ -7,14 +7,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, T5Gemma2ForConditionalGeneration
 
-from kalm_t5gemma2_vllm_plugin import prompting
-from kalm_t5gemma2_vllm_plugin.testing import (
+from kalm_t5gemma2_vllm_plugin import prompt as prompting
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import (
     build_config,
     build_tokenizer,
-    main,
     make_checkpoint,
     synthetic_text,
 )
+from kalm_t5gemma2_vllm_plugin.cli.make_checkpoint import main
 
 # model.md §5.2: Nano read off the real config; Small/Large inferred.
 EXPECTED_DIMS = {

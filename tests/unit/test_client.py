@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from kalm_t5gemma2_vllm_plugin.client import DEMO_PAYLOADS, KaLMRerankClient
+from kalm_t5gemma2_vllm_plugin.client import KaLMRerankClient
 from kalm_t5gemma2_vllm_plugin.errors import KaLMHTTPError
 
 
@@ -58,11 +58,3 @@ def test_errors_carry_status_and_server_message(body: object, message: str) -> N
             client.score([{"query": "q", "document": "d"}])
     assert raised.value.status == 422 and raised.value.message == message
     assert "HTTP 422 from http://server:1/score" in str(raised.value)
-
-
-def test_demo_payloads_use_the_sample() -> None:
-    assert DEMO_PAYLOADS["rerank"]["documents"][0] == "The capital of China is Beijing."
-    assert [p["id"] for p in DEMO_PAYLOADS["score"]["pairs"]] == [
-        "positive",
-        "negative",
-    ]

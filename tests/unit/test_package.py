@@ -2,6 +2,7 @@
 import importlib.metadata
 import subprocess
 import sys
+import textwrap
 
 import kalm_t5gemma2_vllm_plugin as plugin
 
@@ -19,36 +20,57 @@ def test_console_scripts_are_declared() -> None:
         "kalm-vllm-serve",
         "kalm-vllm-client",
         "kalm-vllm-make-checkpoint",
+        "kalm-vllm-bench",
+        "kalm-vllm-encode",
     } <= names
+    # every console script's main lives in cli/
+    for ep in importlib.metadata.entry_points(group="console_scripts"):
+        if ep.name.startswith("kalm-vllm-"):
+            assert ep.value.startswith("kalm_t5gemma2_vllm_plugin.cli."), ep
+
+
+def _in_a_fresh_interpreter(code: str) -> None:
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True)
 
 
 def test_light_modules_import_without_torch_or_vllm() -> None:
-    code = (
-        "import sys\n"
-        "import kalm_t5gemma2_vllm_plugin, kalm_t5gemma2_vllm_plugin.constants\n"
-        "import kalm_t5gemma2_vllm_plugin.errors, kalm_t5gemma2_vllm_plugin.prompting\n"
-        "import kalm_t5gemma2_vllm_plugin.validation, kalm_t5gemma2_vllm_plugin.scores\n"
-        "import kalm_t5gemma2_vllm_plugin.settings, kalm_t5gemma2_vllm_plugin.cli\n"
-        "import kalm_t5gemma2_vllm_plugin.client, kalm_t5gemma2_vllm_plugin.pooling\n"
-        "import kalm_t5gemma2_vllm_plugin.engine_prompts\n"
-        "import kalm_t5gemma2_vllm_plugin.server.schemas\n"
-        "heavy = {'torch', 'vllm', 'transformers'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n"
+    _in_a_fresh_interpreter(
+        """
+        import sys
+        import kalm_t5gemma2_vllm_plugin, kalm_t5gemma2_vllm_plugin.constants
+        import kalm_t5gemma2_vllm_plugin.errors, kalm_t5gemma2_vllm_plugin.prompt
+        import kalm_t5gemma2_vllm_plugin.validation, kalm_t5gemma2_vllm_plugin.scores
+        import kalm_t5gemma2_vllm_plugin.vllm_model.config
+        import kalm_t5gemma2_vllm_plugin.cli.rerank, kalm_t5gemma2_vllm_plugin.client
+        import kalm_t5gemma2_vllm_plugin.mep, kalm_t5gemma2_vllm_plugin.engine.requests
+        import kalm_t5gemma2_vllm_plugin.server.schemas
+        heavy = {"torch", "vllm", "transformers"} & set(sys.modules)
+        assert not heavy, heavy
+        """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_register_is_idempotent_and_lazy() -> None:
-    from vllm import ModelRegistry
-
-    plugin.register()
-    plugin.register()
-    assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
-    assert "T5Gemma2ForConditionalGeneration" != plugin.ARCHITECTURE
+    """Registering imports no model code: vLLM imports it where it needs it."""
+    _in_a_fresh_interpreter(
+        """
+        import sys
+        import kalm_t5gemma2_vllm_plugin as plugin
+        from vllm import ModelRegistry
+        plugin.register()
+        plugin.register()
+        assert plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
+        prefix = "kalm_t5gemma2_vllm_plugin.vllm_model"
+        loaded = [m for m in sys.modules if m.startswith(prefix)]
+        assert not loaded, loaded
+        """
+    )
 
 
 def test_public_names() -> None:
-    assert plugin.KaLMVLLMReranker.__name__ == "KaLMVLLMReranker"
     assert plugin.KaLMVLLMOfflineReranker is plugin.KaLMVLLMReranker
-    assert plugin.KaLMReranker.__module__ == "kalm_t5gemma2_vllm_plugin.reference"
+    assert (
+        plugin.KaLMReranker.__module__
+        == "kalm_t5gemma2_vllm_plugin.rerankers.reference"
+    )
     assert set(plugin.__all__) >= {"KaLMVLLMReranker", "KaLMReranker", "register"}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
-from kalm_t5gemma2_vllm_plugin.pooling import mep_pool, pooled_length
+from kalm_t5gemma2_vllm_plugin.mep import mep_pool, pooled_length
 
 
 def test_pool_factor_two_by_hand() -> None:
@@ -73,3 +73,13 @@ def test_bfloat16_states_stay_bfloat16() -> None:
 def test_pooled_length() -> None:
     assert [pooled_length(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
     assert pooled_length(9, None) == 9
+
+
+def test_a_nan_at_a_padded_position_does_not_reach_its_chunk() -> None:
+    """Some CUDA attention kernels return NaN for fully masked (padded) rows;
+    pooling selects real positions, it does not multiply padding by zero."""
+    hidden = torch.tensor([[[1.0], [3.0], [5.0], [float("nan")], [float("inf")]]])
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    pooled, pooled_mask = mep_pool(hidden, mask, 2)
+    assert pooled.tolist() == [[[2.0], [5.0], [0.0]]]
+    assert pooled_mask.tolist() == [[1, 1, 0]]

@@ -4,10 +4,11 @@ import re
 
 import pytest
 
-from kalm_t5gemma2_vllm_plugin import prompting
-from kalm_t5gemma2_vllm_plugin.constants import SCORE_SEPARATOR
+from kalm_t5gemma2_vllm_plugin import prompt as prompting
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import build_tokenizer
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMInputError
-from kalm_t5gemma2_vllm_plugin.testing import build_tokenizer
+from kalm_t5gemma2_vllm_plugin.vllm_model import score_template
+from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import SCORE_SEPARATOR
 
 SAMPLE_PROMPT = (
     "<bos><start_of_turn>user\nJudge whether the Document meets the requirements "
@@ -108,13 +109,15 @@ def test_yes_no_ids_are_checked(tokenizer) -> None:
 
 
 def test_score_text_round_trips_fields() -> None:
-    text = prompting.pack_score_text("q?", "doc " + SCORE_SEPARATOR + " tail", "inst")
-    assert prompting.unpack_score_text("<bos>" + text) == (
+    text = score_template.pack_score_text(
+        "q?", "doc " + SCORE_SEPARATOR + " tail", "inst"
+    )
+    assert score_template.unpack_score_text("<bos>" + text) == (
         "q?",
         "inst",
         "doc " + SCORE_SEPARATOR + " tail",
     )
     with pytest.raises(KaLMInputError, match="query contains the reserved separator"):
-        prompting.pack_score_text("a" + SCORE_SEPARATOR, "d")
+        score_template.pack_score_text("a" + SCORE_SEPARATOR, "d")
     with pytest.raises(KaLMInputError, match="found 1 separators"):
-        prompting.unpack_score_text("x" + SCORE_SEPARATOR + "y")
+        score_template.unpack_score_text("x" + SCORE_SEPARATOR + "y")

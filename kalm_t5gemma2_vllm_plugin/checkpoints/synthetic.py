@@ -10,9 +10,7 @@ token the model depends on.
 
 from __future__ import annotations
 
-import argparse
 import math
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,15 @@ from transformers import (
     T5Gemma2ForConditionalGeneration,
 )
 
-from . import constants as C
+from kalm_t5gemma2_vllm_plugin import constants as C
+from kalm_t5gemma2_vllm_plugin.validation import parse_dtype
 
 __all__ = [
     "PRESETS",
-    "QWEN3_PRESETS",
     "TOKENIZER_VOCAB_SIZE",
     "build_config",
     "build_tokenizer",
     "make_checkpoint",
-    "make_cross_encoder_checkpoint",
     "synthetic_text",
 ]
 
@@ -146,7 +143,7 @@ _PUNCTUATION = [">:", '".', '",', "'s", "),", ").", "...", "--", " (", ' "', " -
 
 def _english_words() -> list[str]:
     text = (
-        resources.files(__package__)
+        resources.files("kalm_t5gemma2_vllm_plugin")
         .joinpath("data/english_words.txt")
         .read_text(encoding="utf-8")
     )
@@ -176,7 +173,7 @@ def _word_pieces(extra_words: tuple[str, ...] = ()) -> list[str]:
     return pieces
 
 
-def _unigram_tokenizer(
+def unigram_tokenizer(
     fixed_ids: dict[str, int],
     special_tokens: list[str],
     vocab_size: int,
@@ -243,7 +240,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     are one token each, and ``<bos>`` is prepended only when
     ``add_special_tokens=True``, as Gemma's tokenizer does.
     """
-    return _unigram_tokenizer(
+    return unigram_tokenizer(
         _FIXED_IDS,
         _SPECIAL_TOKENS,
         TOKENIZER_VOCAB_SIZE,
@@ -296,7 +293,7 @@ def build_config(preset: str = "tiny", **config_overrides: Any) -> T5Gemma2Confi
 
 
 @torch.no_grad()
-def _randomize(
+def randomize_weights(
     model: torch.nn.Module, hidden_size: int, seed: int, norm_center: float = 0.0
 ) -> None:
     """Seeded weights scaled so activations stay O(1) and margins spread over ~±5.
@@ -338,7 +335,7 @@ def make_checkpoint(
             e.g. ``sliding_window=8`` or ``num_hidden_layers=3``.
 
     Example:
-        >>> from kalm_t5gemma2_vllm_plugin.testing import make_checkpoint
+        >>> from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import make_checkpoint
         >>> make_checkpoint("/tmp/kalm-tiny").name
         'kalm-tiny'
     """
@@ -346,16 +343,11 @@ def make_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     if dtype is None:
         dtype = torch.float32 if preset == "tiny" else torch.bfloat16
-    elif isinstance(dtype, str):
-        dtype = getattr(
-            torch,
-            {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(
-                dtype, dtype
-            ),
-        )
+    else:
+        dtype = getattr(torch, parse_dtype(dtype) or "float32")
     config = build_config(preset, **config_overrides)
     model = T5Gemma2ForConditionalGeneration(config)
-    _randomize(model, config.decoder.hidden_size, seed)
+    randomize_weights(model, config.decoder.hidden_size, seed)
     model.to(dtype).save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
@@ -363,88 +355,6 @@ def make_checkpoint(
 
 # Qwen3-0.6B, the base of Qwen3-Reranker-0.6B: the cross-encoder KaLM competes
 # with. The tiny variant keeps vLLM's CPU attention happy (head_dim 64).
-QWEN3_PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-    ),
-    "tiny": dict(
-        vocab_size=151936,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=4096,
-    ),
-}
-# Real Qwen3 ids of the tokens the reranker prompt and head depend on.
-_QWEN3_FIXED_IDS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<think>": 151667,
-    "</think>": 151668,
-    "yes": 9693,
-    "no": 2152,
-    "\n": 198,
-    "\n\n": 271,
-}
-_QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-
-def make_cross_encoder_checkpoint(
-    path: str | Path,
-    preset: str = "qwen3-0.6b",
-    *,
-    seed: int = 0,
-    dtype: str | torch.dtype = torch.bfloat16,
-) -> Path:
-    """A random Qwen3-Reranker-shaped checkpoint (``Qwen3ForCausalLM``) for benchmarks.
-
-    vLLM serves it as ``Qwen3ForSequenceClassification`` with its yes/no head
-    (``classifier_from_token``), like the real Qwen3-Reranker. The tokenizer
-    keeps Qwen3's ids for the chat markers and ``yes``/``no``, and makes the
-    same words single tokens as the KaLM test tokenizer, so token counts match.
-    """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    config = Qwen3Config(
-        **QWEN3_PRESETS[preset],
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
-    )
-    config.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM(config)
-    _randomize(model, config.hidden_size, seed, norm_center=1.0)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model.to(dtype).save_pretrained(out)
-    _unigram_tokenizer(
-        _QWEN3_FIXED_IDS,
-        _QWEN3_SPECIAL,
-        151669,
-        bos_token=None,
-        extra_words=("system", "assistant"),
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-    ).save_pretrained(out)
-    return out
-
-
 def synthetic_text(num_tokens: int, *, seed: int = 0, capitalize: bool = True) -> str:
     """Text of exactly ``num_tokens`` tokens under :func:`build_tokenizer`.
 
@@ -465,24 +375,3 @@ _WORDS = [
     for w in _english_words()
     if w.isalpha() and w.islower() and w not in (C.YES_TOKEN, C.NO_TOKEN)
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``kalm-vllm-make-checkpoint PATH [--preset ...] [--seed N] [--dtype ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="kalm-vllm-make-checkpoint",
-        description="Write a random KaLM-Reranker-V1-shaped checkpoint (no download).",
-    )
-    parser.add_argument("path", help="output directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-        default=None,
-        help="stored dtype (default: float32 for tiny, bfloat16 otherwise)",
-    )
-    args = parser.parse_args(argv)
-    out = make_checkpoint(args.path, args.preset, seed=args.seed, dtype=args.dtype)
-    print(out)
-    return 0

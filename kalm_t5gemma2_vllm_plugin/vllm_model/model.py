@@ -32,32 +32,41 @@ from vllm.model_executor.models.interfaces import (
     SupportsMultiModal,
     SupportsScoreTemplate,
 )
+from vllm.model_executor.models.interfaces_base import attn_type, default_pooling_type
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .constants import PASSAGE_MODALITY, STATES_FIELD
-from .counters import EngineCounters
-from .engine import tune_cpu_allocator
-from .pooler import KaLMYesNoPooler
-from .processing import (
-    IDS_FIELD,
-    SCORE_IDS_KEY,
-    KaLMPassageDummyInputsBuilder,
-    KaLMPassageProcessingInfo,
-    KaLMPassageProcessor,
-)
-from .prompting import pack_score_text
-from .settings import EngineSettings
-from .t5gemma2 import (
+from kalm_t5gemma2_vllm_plugin.constants import PASSAGE_MODALITY
+from kalm_t5gemma2_vllm_plugin.counters import EngineCounters
+from kalm_t5gemma2_vllm_plugin.cpu_tuning import tune_cpu_allocator
+from kalm_t5gemma2_vllm_plugin.t5gemma2 import (
     build_decoder,
     build_encoder,
     checkpoint_target,
     encode_passages,
-    score_requests,
 )
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
+    IDS_FIELD,
+    SCORE_IDS_KEY,
+    STATES_FIELD,
+    EngineSettings,
+)
+from kalm_t5gemma2_vllm_plugin.vllm_model.pooler import KaLMYesNoPooler
+from kalm_t5gemma2_vllm_plugin.vllm_model.processor import (
+    KaLMPassageDummyInputsBuilder,
+    KaLMPassageProcessingInfo,
+    KaLMPassageProcessor,
+)
+from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import pack_score_text
 
 __all__ = ["KaLMT5Gemma2Reranker"]
 
 
+# "LAST" keeps vLLM's causal branch, so the attn_type is honoured.
+@default_pooling_type(seq_pooling_type="LAST")
+# No vLLM attention layers: no KV cache, no prefix caching, no chunked prefill.
+# Not IsAttentionFree: its is_attention_free=True sends Model Runner V2 to its
+# Mamba state path (v1/worker/gpu/model_states/__init__.py, 0.32-0.34).
+@attn_type("attention_free")
 @MULTIMODAL_REGISTRY.register_processor(
     KaLMPassageProcessor,
     info=KaLMPassageProcessingInfo,
@@ -67,10 +76,6 @@ class KaLMT5Gemma2Reranker(
     nn.Module, SupportsMultiModal, SupportsCrossEncoding, SupportsScoreTemplate
 ):
     is_pooling_model: ClassVar[bool] = True
-    # "LAST" keeps vLLM's causal branch, so the attn_type below is honoured.
-    default_seq_pooling_type: ClassVar[str] = "LAST"
-    # No vLLM attention layers: no KV cache, no prefix caching, no chunked prefill.
-    attn_type: ClassVar[str] = "attention_free"
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -87,9 +92,9 @@ class KaLMT5Gemma2Reranker(
             if self.settings.decoder_only
             else build_encoder(config, self.decoder.embed_tokens)
         )
-        self.pooler = KaLMYesNoPooler(self.score_requests)
         # Read by the reranker and the server from their own process.
         self.counters = EngineCounters(self.settings.counters_path)
+        self.pooler = KaLMYesNoPooler(self.decoder, self.softcap, self.counters)
 
     # --- vLLM score API ---------------------------------------------------------
     @classmethod
@@ -104,13 +109,13 @@ class KaLMT5Gemma2Reranker(
     def post_process_tokens(cls, prompt: Any) -> None:
         # The score API tokenized pack_score_text(); hand the ids to the passage
         # processor, which rebuilds the KaLM prompt from them. No-op on the
-        # empty prompt vLLM 0.33 probes this hook with.
+        # empty prompt vLLM 0.33 and 0.34 probe this hook with.
         ids = prompt.get("prompt_token_ids")
         if ids:
             prompt["multi_modal_data"] = {PASSAGE_MODALITY: {SCORE_IDS_KEY: list(ids)}}
 
     # --- multimodal hooks --------------------------------------------------------
-    def get_language_model(self) -> nn.Module:
+    def get_language_model(self) -> KaLMT5Gemma2Reranker:
         return self
 
     @torch.inference_mode()
@@ -160,14 +165,6 @@ class KaLMT5Gemma2Reranker(
             return self.embed_input_ids(input_ids)
         return inputs_embeds
 
-    # --- the decoder pass ---------------------------------------------------------
-    def score_requests(
-        self, passages: list[torch.Tensor], prompts: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Margins (float32) for a batch; see ``t5gemma2.score_requests``."""
-        self.counters.add(requests_scored=len(prompts))
-        return score_requests(self.decoder, passages, prompts, self.softcap)
-
     # --- weights -------------------------------------------------------------------
     def is_unused_checkpoint_weight(self, name: str) -> bool:
         return self._target_name(name) is None
@@ -202,10 +199,6 @@ class KaLMT5Gemma2Reranker(
     @property
     def _dtype(self) -> torch.dtype:
         return self.decoder.embed_tokens.weight.dtype
-
-    @property
-    def _device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
 
 
 def _as_list(value: Any) -> list[torch.Tensor]:

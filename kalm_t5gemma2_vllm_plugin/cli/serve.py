@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``kalm-vllm-serve``: the HTTP service on uvicorn."""
+"""``kalm-vllm-serve``: the HTTP service (``server/``) on uvicorn."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from ..cli import add_engine_arguments, configure_vllm_environment, resolve_cli_model
-from ..constants import ENV_API_KEY
-from ..errors import KaLMError, KaLMInputError
-from ..settings import EngineSettings
-from ..validation import check_positive_int, parse_chunk_size
+from kalm_t5gemma2_vllm_plugin.cli.common import (
+    add_engine_arguments,
+    configure_vllm_environment,
+    flag_error,
+    resolve_cli_model,
+)
+from kalm_t5gemma2_vllm_plugin.constants import ENV_API_KEY
+from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.validation import check_positive_int
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 
 __all__ = ["main"]
 
@@ -89,49 +94,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import uvicorn
 
-    from . import create_app
-    from .service import ServiceConfig
+    from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions
+    from kalm_t5gemma2_vllm_plugin.server import create_app
+    from kalm_t5gemma2_vllm_plugin.server.service import ServiceConfig
 
     try:
         if args.decoder_only and not args.passage_store:
             raise KaLMInputError("--decoder-only needs --passage-store.")
-        for name in (
-            "max_documents",
-            "max_pairs",
-            "max_concurrent_requests",
-            "max_model_len",
-            "batch_size",
-        ):
+        for name in ("max_documents", "max_pairs", "max_concurrent_requests"):
             check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
         settings = EngineSettings(
-            chunk_size=parse_chunk_size(
-                args.encoder_chunk_size, "--encoder-chunk-size"
-            ),
+            chunk_size=args.encoder_chunk_size,
             document_max_length=args.document_max_length,
             query_max_length=args.query_max_length,
-            allow_passage_states=args.passage_store is not None,
             decoder_only=args.decoder_only,
         )
         model, model_path = resolve_cli_model(args.model)
         config = ServiceConfig(
-            model=model,
-            model_path=model_path,
-            settings=settings,
-            max_model_len=args.max_model_len,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            instruction=args.instruction,
+            engine=EngineOptions(
+                model=model,
+                model_path=model_path,
+                settings=settings,
+                max_model_len=args.max_model_len,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                instruction=args.instruction,
+                passage_store=args.passage_store,
+            ),
             served_model_names=args.served_model_name or [],
             api_key=args.api_key or None,
             max_documents=args.max_documents,
             max_pairs=args.max_pairs,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_concurrent_requests=args.max_concurrent_requests,
-            passage_store=args.passage_store,
         )
     except KaLMError as exc:
-        print(f"kalm-vllm-serve: error: {exc}", file=sys.stderr)
+        print(f"kalm-vllm-serve: error: {flag_error(exc)}", file=sys.stderr)
         return 2
 
     app = create_app(config)
@@ -149,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"=== KaLM vLLM Online Reranker ===\nmodel: {config.model}\n"
         f"query_max_length={settings.query_max_length} "
         f"document_max_length={settings.document_max_length} "
-        f"encoder_chunk_size={settings.chunk_size} max_model_len={config.max_model_len}"
+        f"encoder_chunk_size={settings.chunk_size} "
+        f"max_model_len={config.engine.max_model_len}"
         f"\nauth: {'on' if config.api_key else 'off'}\n"
         f"listen: http://{args.host}:{args.port}",
         file=sys.stderr,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from transformers import BatchFeature
-from vllm.inputs import mm_input
+from vllm.inputs import MultiModalInput, mm_input
 from vllm.multimodal.inputs import (
     MultiModalFieldConfig,
     MultiModalKwargsItems,
@@ -29,27 +29,46 @@ from vllm.multimodal.processing import (
     BaseMultiModalProcessor,
     BaseProcessingInfo,
 )
+from vllm.multimodal.processing.context import TimingContext
+from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from .constants import (
+from kalm_t5gemma2_vllm_plugin.constants import (
     BOS_TOKEN_ID,
     PASSAGE_MODALITY,
     PLACEHOLDER_TOKEN_ID,
-    STATES_FIELD,
     TEMPLATE_VERSION,
 )
-from .pooling import pooled_length
-from .prompting import decoder_prompt_ids, encode_document, unpack_score_text
-from .settings import EngineSettings
+from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
+from kalm_t5gemma2_vllm_plugin.mep import pooled_length
+from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids, encode_document
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
+    IDS_FIELD,
+    SCORE_IDS_KEY,
+    STATES_FIELD,
+    EngineSettings,
+)
+from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import unpack_score_text
 
 __all__ = [
     "KaLMPassageDummyInputsBuilder",
     "KaLMPassageProcessingInfo",
     "KaLMPassageProcessor",
+    "leading_placeholders",
 ]
 
-IDS_FIELD = "passage_ids"
-#: Item key of a score-API prompt moved here by ``post_process_tokens``.
-SCORE_IDS_KEY = "score_ids"
+
+def leading_placeholders(ids: torch.Tensor) -> int:
+    """Passage rows of a request: the run of placeholder ids that starts it.
+
+    The one place the passage-row protocol is read back (by the pooler); it
+    holds because ``apply()`` puts ``C`` placeholders first and refuses decoder
+    prompts that start with the placeholder id. At most ``len(ids) - 1``: a
+    real request always ends in decoder tokens, and vLLM's dummy runs (Model
+    Runner V1's warm-up sends all-zero ids) must still leave the decoder one.
+    """
+    others = (ids != PLACEHOLDER_TOKEN_ID).nonzero()
+    run = int(others[0]) if len(others) else len(ids)
+    return max(0, min(run, len(ids) - 1))
 
 
 def _is_one_item(data: object) -> bool:
@@ -128,9 +147,17 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         }
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> Sequence[Any]:
-        return []
+        return []  # apply() below places the placeholders itself
 
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+    # Overridden whole: the cache key is a hash of the *final* encoder ids, so a
+    # passage given as text or as ids is one cache entry.
+    def apply(
+        self, inputs: ProcessorInputs, timing_ctx: TimingContext
+    ) -> MultiModalInput:
+        with timing_ctx.record("kalm_passage"):
+            return self._apply(inputs)
+
+    def _apply(self, inputs: ProcessorInputs) -> MultiModalInput:
         settings = self.info.settings
         item = inputs.mm_data_items.get_items(PASSAGE_MODALITY, PassageItems).get(0)
         decoder_ids = list(inputs.prompt)
@@ -154,10 +181,11 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         # Profiling dummies come with an empty decoder prompt.
         decoder_ids = decoder_ids or [BOS_TOKEN_ID]
         if decoder_ids[0] == PLACEHOLDER_TOKEN_ID:
-            raise ValueError(
+            raise KaLMInputError(
                 f"The decoder prompt must not start with token id "
                 f"{PLACEHOLDER_TOKEN_ID} (the passage placeholder); KaLM prompts "
-                f"start with <bos>."
+                f"start with <bos>.",
+                field="prompt_token_ids",
             )
         mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
             BatchFeature({field: data[None]}),
@@ -176,28 +204,32 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
     def _encoder_ids(self, item: object) -> list[int]:
         settings = self.info.settings
         if settings.decoder_only:
-            raise ValueError(
+            raise KaLMInputError(
                 "This engine runs in decoder-only mode and accepts only passages "
-                "from a passage store; it cannot encode text."
+                "from a passage store; it cannot encode text.",
+                field="documents",
             )
         if isinstance(item, str):
             ids = encode_document(
-                self.info.get_tokenizer(), item, settings.document_max_length
+                self._tokenizer(), item, settings.document_max_length
             ).ids
         elif isinstance(item, Sequence) and all(isinstance(i, int) for i in item):
             ids = list(item)[: settings.document_max_length]
         else:
-            raise ValueError(
+            raise KaLMInputError(
                 "A passage must be a str (the document), a list of encoder token "
-                f"ids, or precomputed states; got {type(item).__name__}."
+                f"ids, or precomputed states; got {type(item).__name__}.",
+                field="passage",
             )
         if not ids:
-            raise ValueError("A passage must have at least one encoder token.")
+            raise KaLMInputError(
+                "A passage must have at least one encoder token.", field="passage"
+            )
         return ids
 
     def _unpack_score_prompt(self, packed_ids: Sequence[int]) -> tuple[list[int], str]:
-        """Rebuild the KaLM prompt from a score-API prompt (see ``model.py``)."""
-        tokenizer = self.info.get_tokenizer()
+        """Rebuild the KaLM prompt from a score-API prompt (``score_template``)."""
+        tokenizer = self._tokenizer()
         settings = self.info.settings
         text = tokenizer.decode(
             list(packed_ids),
@@ -211,12 +243,18 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         )
         return decoder_ids, document
 
+    def _tokenizer(self) -> Any:
+        # The checkpoint's HF tokenizer; vLLM types it by its own, narrower
+        # protocol, the prompt code by the HF calls it makes.
+        return self.info.get_tokenizer()
+
     def _check_states(self, states: object) -> torch.Tensor:
         settings = self.info.settings
         if not settings.allow_passage_states:
-            raise ValueError(
+            raise KaLMInputError(
                 "Precomputed passage states are accepted only by an engine started "
-                "for a passage store (allow_passage_states)."
+                "for a passage store (allow_passage_states).",
+                field=STATES_FIELD,
             )
         hidden = self.info.hidden_size()
         if (
@@ -225,11 +263,15 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
             or states.shape[0] < 1
             or states.shape[1] != hidden
         ):
-            raise ValueError(
-                f"Passage states must be a tensor of shape [C >= 1, {hidden}]."
+            raise KaLMInputError(
+                f"Passage states must be a tensor of shape [C >= 1, {hidden}].",
+                field=STATES_FIELD,
             )
         if not states.is_floating_point() or not torch.isfinite(states).all():
-            raise ValueError("Passage states must be finite floating-point values.")
+            raise KaLMInputError(
+                "Passage states must be finite floating-point values.",
+                field=STATES_FIELD,
+            )
         return states.contiguous()
 
 

@@ -13,129 +13,26 @@ import argparse
 import heapq
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .constants import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DOCUMENT_MAX_LENGTH,
-    DEFAULT_ENCODER_CHUNK_SIZE,
-    DEFAULT_INSTRUCTION,
-    DEFAULT_MAX_MODEL_LEN,
-    DEFAULT_QUERY_MAX_LENGTH,
-    MODEL_ID,
-    SAMPLE_DOCUMENTS,
-    SAMPLE_QUERY,
+from kalm_t5gemma2_vllm_plugin.cli.common import (
+    add_engine_arguments,
+    configure_vllm_environment,
+    flag_error,
+    reranker_kwargs,
+    resolve_cli_model,
 )
-from .errors import KaLMConfigError, KaLMError
+from kalm_t5gemma2_vllm_plugin.constants import SAMPLE_DOCUMENTS, SAMPLE_QUERY
+from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
 
-__all__ = [
-    "add_engine_arguments",
-    "configure_vllm_environment",
-    "main",
-    "reranker_kwargs",
-    "resolve_cli_model",
-]
+__all__ = ["main"]
 
 # Rows scored per engine call while streaming; vLLM batches within each call.
 _ROWS_PER_CALL = 2048
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine flags shared by ``kalm-vllm-rerank`` and ``kalm-vllm-serve``."""
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--model",
-        default=None,
-        help=f"Hub id or local checkpoint directory (default {MODEL_ID})",
-    )
-    group.add_argument("--query-max-length", type=int, default=DEFAULT_QUERY_MAX_LENGTH)
-    group.add_argument(
-        "--document-max-length", type=int, default=DEFAULT_DOCUMENT_MAX_LENGTH
-    )
-    group.add_argument(
-        "--encoder-chunk-size",
-        default=str(DEFAULT_ENCODER_CHUNK_SIZE),
-        help="pooling factor 1, 2, 4, 8, 16, 32, or none",
-    )
-    group.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
-    group.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="most requests per engine step",
-    )
-    group.add_argument(
-        "--dtype",
-        default=None,
-        help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    group.add_argument("--gpu-memory-utilization", type=float, default=None)
-    group.add_argument(
-        "--instruction", default=DEFAULT_INSTRUCTION, help="default task instruction"
-    )
-
-
-def configure_vllm_environment(
-    *, log_level: str = "WARNING", in_process: bool = False
-) -> None:
-    """Defaults for vLLM's environment, set before vLLM is imported.
-
-    Logs go to stderr (stdout carries results), no usage statistics are sent,
-    and the offline CLI runs the engine in-process (seconds instead of tens of
-    seconds to start). Variables the user set win.
-    """
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level.upper())
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    if in_process:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
-def resolve_cli_model(model: str | None) -> tuple[str, str]:
-    """``(name, local path)`` of the model to load.
-
-    An explicit ``--model`` that cannot be loaded is an error. The default model
-    falls back, saying so, to a random checkpoint generated locally, so the
-    command still runs end to end offline.
-    """
-    from .hub import resolve_model
-
-    if model is not None:
-        return model, resolve_model(model)
-    try:
-        return MODEL_ID, resolve_model(MODEL_ID)
-    except KaLMConfigError as exc:
-        from .testing import make_checkpoint
-
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        path = cache / "kalm_t5gemma2_vllm_plugin" / "fallback-tiny-seed0"
-        print(f"{exc}", file=sys.stderr)
-        if not (path / "model.safetensors").is_file():
-            make_checkpoint(path, "tiny", seed=0)
-        print(
-            f"Falling back to a locally generated random test checkpoint at {path}; "
-            f"its scores are not meaningful.",
-            file=sys.stderr,
-        )
-        return str(path), str(path)
-
-
-def reranker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        query_max_length=args.query_max_length,
-        document_max_length=args.document_max_length,
-        encoder_chunk_size=args.encoder_chunk_size,
-        max_model_len=args.max_model_len,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        instruction=args.instruction,
-    )
 
 
 @dataclass
@@ -147,31 +44,27 @@ class _Row:
     instruction: str | None
 
 
-class InputError(ValueError):
-    """A malformed input row; the message starts with ``path:line:``."""
-
-
 def _parse_row(line: str, where: str, index: int) -> _Row:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: invalid JSON ({exc.msg})") from None
+        raise KaLMInputError(f"{where}: invalid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
-        raise InputError(
+        raise KaLMInputError(
             f"{where}: a row must be a JSON object, got {type(data).__name__}"
         )
     for key in ("query", "document"):
         if not isinstance(data.get(key), str):
-            raise InputError(f"{where}: field {key!r} must be a string")
+            raise KaLMInputError(f"{where}: field {key!r} must be a string")
     instruction = data.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
-        raise InputError(f"{where}: field 'instruction' must be a string or null")
+        raise KaLMInputError(f"{where}: field 'instruction' must be a string or null")
     return _Row(
         index, data.get("id", index), data["query"], data["document"], instruction
     )
 
 
-def _read_rows(stream: IO[str], name: str) -> Iterator[_Row | InputError]:
+def _read_rows(stream: IO[str], name: str) -> Iterator[_Row | KaLMInputError]:
     """Rows in file order; a malformed one is yielded as its error."""
     index = 0
     for line_number, line in enumerate(stream, start=1):
@@ -179,7 +72,7 @@ def _read_rows(stream: IO[str], name: str) -> Iterator[_Row | InputError]:
             continue
         try:
             yield _parse_row(line, f"{name}:{line_number}", index)
-        except InputError as exc:
+        except KaLMInputError as exc:
             yield exc
         index += 1
 
@@ -197,7 +90,7 @@ def _score_rows(
             [(r.query, r.document) for r in group], instruction=instruction
         )
         margins.update((r.index, m) for r, m in zip(group, values, strict=True))
-    from .scores import score_from_margin
+    from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
 
     out = []
     for row in rows:
@@ -270,8 +163,8 @@ def _rerank_file(reranker: Any, args: argparse.Namespace, out: IO[str]) -> int:
     )
     progress = tqdm(unit=" rows", disable=not sys.stderr.isatty(), file=sys.stderr)
     kept: list[tuple[float, dict[str, Any]]] = []
-    skipped: list[InputError] = []
-    error: InputError | None = None
+    skipped: list[KaLMInputError] = []
+    error: KaLMInputError | None = None
     try:
         items = _read_rows(stream, name)
         while error is None and (
@@ -342,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: IO[str] = sys.stdout
     try:
         _, model = resolve_cli_model(args.model)
-        from .reranker import KaLMVLLMReranker
+        from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
 
         if args.output_jsonl:
             Path(args.output_jsonl).parent.mkdir(parents=True, exist_ok=True)
@@ -357,9 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _rank_sample(reranker, args, out)
                 return 0
             return _rerank_file(reranker, args, out)
-    except (InputError, KaLMError, OSError) as exc:
-        print(f"kalm-vllm-rerank: error: {exc}", file=sys.stderr)
+    except (KaLMError, OSError) as exc:
+        print(f"kalm-vllm-rerank: error: {flag_error(exc)}", file=sys.stderr)
         return 2
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

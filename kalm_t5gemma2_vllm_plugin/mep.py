@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Matryoshka chunk pooling (MEP) of encoder states, shared by every score path.
+"""Matryoshka chunk pooling (MEP) of encoder states, shared by every score path
+(not to be confused with vLLM's ``Pooler``, which is ``vllm_model/pooler.py``).
 
 torch is imported inside ``mep_pool`` so that ``pooled_length`` stays usable
 from the light modules (prompt building, the HTTP layer).
@@ -39,6 +40,7 @@ def mep_pool(
     """
     if chunk_size is None:
         return hidden, mask
+    import torch
     import torch.nn.functional as F
 
     batch, length, dim = hidden.shape
@@ -48,5 +50,9 @@ def mep_pool(
     h = F.pad(hidden.float(), (0, 0, 0, pad)).view(batch, chunks, chunk_size, dim)
     m = F.pad(mask.float(), (0, pad)).view(batch, chunks, chunk_size)
     counts = m.sum(-1)  # [B, C]
-    pooled = (h * m.unsqueeze(-1)).sum(2) / counts.clamp(min=1).unsqueeze(-1)
+    # A select, not a multiply by the mask: a NaN or inf at a padded position
+    # (some CUDA attention kernels give them for fully masked rows) must not
+    # reach its chunk (NaN * 0 is NaN).
+    kept = torch.where(m.unsqueeze(-1) > 0, h, h.new_zeros(()))
+    pooled = kept.sum(2) / counts.clamp(min=1).unsqueeze(-1)
     return pooled.to(hidden.dtype), (counts > 0).to(mask.dtype)

@@ -17,10 +17,11 @@ that points the ids at it": a process killed at any moment leaves every
 committed passage readable, and at worst an orphan shard that the next writer
 deletes. The index itself is created complete (schema and identity) under a
 temporary name and renamed into place, so a reader finds either no store or a
-whole one; a leftover temporary name reads as "being created". On shared or object storage several serving replicas can read the
-same store: shards are immutable once written, so they can be synced to
-object storage and served from a local cache, with ``index.sqlite`` shipped as
-a versioned snapshot (or moved to a shared database) when writes happen.
+whole one; a leftover temporary name reads as "being created". On shared or
+object storage several serving replicas can read the same store: shards are
+immutable once written, so they can be synced to object storage and served
+from a local cache, with ``index.sqlite`` shipped as a versioned snapshot (or
+moved to a shared database) when writes happen.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .constants import TEMPLATE_VERSION
-from .errors import KaLMConfigError
+from kalm_t5gemma2_vllm_plugin.checkpoints.hub import model_fingerprint
+from kalm_t5gemma2_vllm_plugin.constants import TEMPLATE_VERSION
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, UnknownDocumentError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -46,7 +48,6 @@ __all__ = [
     "PassageStore",
     "PassageStoreWriter",
     "StoreIdentity",
-    "model_fingerprint",
     "text_sha256",
 ]
 
@@ -117,26 +118,6 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def model_fingerprint(model_path: str | os.PathLike[str]) -> str:
-    """A hash of the checkpoint's config and weights, cheap even for large files.
-
-    Per weights file: name, size, the safetensors header (every tensor's name,
-    dtype, shape and offsets) and 16 evenly spaced 64 KiB samples of the data.
-    """
-    root = Path(model_path)
-    digest = hashlib.sha256((root / "config.json").read_bytes())
-    for path in sorted(root.glob("*.safetensors")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(header_len))
-            for i in range(16):
-                f.seek(size * i // 16)
-                digest.update(f.read(65536))
-    return digest.hexdigest()[:32]
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
@@ -185,8 +166,7 @@ class PassageStore:
             self.identity = _read_identity(self._db, self.root)
         except sqlite3.DatabaseError as error:
             raise KaLMConfigError(
-                f"{self.root / _INDEX} is not a readable passage store index "
-                f"({error})."
+                f"{self.root / _INDEX} is not a readable passage store index ({error})."
             ) from error
         _check(self.identity, expected, self.root)
         self._shards: OrderedDict[str, Any] = OrderedDict()
@@ -194,8 +174,13 @@ class PassageStore:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM passages").fetchone()[0])
 
+    def ids(self) -> list[str]:
+        """Every stored passage id, in id order."""
+        return [i for (i,) in self._db.execute("SELECT id FROM passages ORDER BY id")]
+
     def records(self, ids: Sequence[str]) -> list[PassageRecord]:
-        """Records in the order of ``ids``; ``KeyError`` names the unknown ones."""
+        """Records in the order of ``ids``; ``UnknownDocumentError`` (a
+        ``KeyError``) names the unknown ones."""
         rows = self._rows(ids)
         return [self._record(i, rows[i]) for i in ids]
 
@@ -233,8 +218,10 @@ class PassageStore:
         if missing:
             shown = ", ".join(repr(i) for i in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise KeyError(
-                f"Unknown document id(s) in passage store {self.root}: {shown}{more}."
+            raise UnknownDocumentError(
+                f"Unknown document id(s) in passage store {self.root.name}: "
+                f"{shown}{more}.",
+                missing,
             )
         return found
 

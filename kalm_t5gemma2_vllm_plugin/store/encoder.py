@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``kalm-vllm-encode``: encode a corpus once into a passage store.
+"""Encode a corpus once into a passage store (``kalm-vllm-encode``).
 
 Input rows are ``{"id", "text"}``. Passages already stored with the same text
 hash are skipped, changed texts are re-encoded, and every batch is committed
@@ -9,7 +9,6 @@ store and a re-run completes it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -17,15 +16,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .constants import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DOCUMENT_MAX_LENGTH,
-    DEFAULT_ENCODER_CHUNK_SIZE,
+from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.store.format import (
+    PassageRecord,
+    StoreIdentity,
+    text_sha256,
 )
-from .errors import KaLMError, KaLMInputError
-from .store import PassageRecord, StoreIdentity, text_sha256
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_positive_int,
+    parse_chunk_size,
+    parse_dtype,
+)
 
-__all__ = ["PassageEncoder", "encode_corpus", "main"]
+__all__ = ["PassageEncoder", "encode_corpus"]
 
 
 class PassageEncoder:
@@ -47,18 +50,20 @@ class PassageEncoder:
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
-        from .engine import tune_cpu_allocator
-        from .prompting import check_yes_no_tokens
-        from .t5gemma2 import build_encoder
+        from kalm_t5gemma2_vllm_plugin.cpu_tuning import tune_cpu_allocator
+        from kalm_t5gemma2_vllm_plugin.prompt import check_yes_no_tokens
+        from kalm_t5gemma2_vllm_plugin.t5gemma2 import build_encoder
 
         tune_cpu_allocator()  # a batch job of large activations, like the engine
-        self.chunk_size = chunk_size
-        self.document_max_length = document_max_length
-        self.dtype = dtype
+        self.chunk_size = parse_chunk_size(chunk_size, "chunk_size")
+        self.document_max_length = check_positive_int(
+            document_max_length, "document_max_length"
+        )
+        self.dtype = parse_dtype(dtype) or "float32"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         check_yes_no_tokens(self.tokenizer)
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(getattr(torch, dtype))  # as vLLM builds its model
+        torch.set_default_dtype(getattr(torch, self.dtype))  # as vLLM builds it
         try:
             self.encoder = build_encoder(AutoConfig.from_pretrained(model_path))
         finally:
@@ -71,7 +76,7 @@ class PassageEncoder:
     def _load(self, root: Path) -> None:
         from safetensors import safe_open
 
-        from .t5gemma2 import checkpoint_target
+        from kalm_t5gemma2_vllm_plugin.t5gemma2 import checkpoint_target
 
         params = dict(self.encoder.named_parameters())
         loaded = set()
@@ -96,8 +101,8 @@ class PassageEncoder:
         """``(pooled states, encoder tokens, truncated)`` per text, one batch."""
         import torch
 
-        from .prompting import encode_document
-        from .t5gemma2 import encode_passages
+        from kalm_t5gemma2_vllm_plugin.prompt import encode_document
+        from kalm_t5gemma2_vllm_plugin.t5gemma2 import encode_passages
 
         encoded = [
             encode_document(self.tokenizer, t, self.document_max_length) for t in texts
@@ -148,7 +153,7 @@ def encode_corpus(
     """Encode what the store lacks; returns counts (encoded, skipped, total)."""
     from tqdm import tqdm
 
-    from .store import PassageStoreWriter
+    from kalm_t5gemma2_vllm_plugin.store.format import PassageStoreWriter
 
     # Pass 1: ids and text hashes only (the texts themselves stay on disk).
     first_line: dict[str, int] = {}
@@ -198,70 +203,3 @@ def encode_corpus(
         "skipped": len(hashes) - len(todo),
         "total": len(hashes),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kalm-vllm-encode``."""
-    parser = argparse.ArgumentParser(
-        prog="kalm-vllm-encode",
-        description="Encode documents once into a passage store for reranking by id.",
-    )
-    parser.add_argument("--model", required=True, help="Hub id or local checkpoint")
-    parser.add_argument(
-        "--input", required=True, type=Path, help='JSONL rows {"id": str, "text": str}'
-    )
-    parser.add_argument("--store", required=True, type=Path, help="store directory")
-    parser.add_argument("--encoder-chunk-size", default=str(DEFAULT_ENCODER_CHUNK_SIZE))
-    parser.add_argument(
-        "--document-max-length", type=int, default=DEFAULT_DOCUMENT_MAX_LENGTH
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="passages per encoder pass and per durable commit",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        help="dtype of the stored states; must match the serving "
-        "engine's (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    args = parser.parse_args(argv)
-
-    from .engine import default_dtype
-    from .hub import resolve_model
-    from .validation import check_positive_int, parse_chunk_size
-
-    try:
-        chunk = parse_chunk_size(args.encoder_chunk_size, "--encoder-chunk-size")
-        check_positive_int(args.document_max_length, "--document-max-length")
-        check_positive_int(args.batch_size, "--batch-size")
-        model_path = resolve_model(args.model)
-        dtype = args.dtype or default_dtype()
-        identity = StoreIdentity.for_engine(
-            model_path, chunk, args.document_max_length, dtype
-        )
-        encoder = PassageEncoder(
-            model_path,
-            chunk_size=chunk,
-            dtype=dtype,
-            document_max_length=args.document_max_length,
-        )
-        counts = encode_corpus(
-            encoder,
-            args.input,
-            args.store,
-            identity=identity,
-            batch_size=args.batch_size,
-            progress=sys.stderr.isatty(),
-        )
-    except (KaLMError, OSError) as exc:
-        print(f"kalm-vllm-encode: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({**counts, "store": str(args.store)}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

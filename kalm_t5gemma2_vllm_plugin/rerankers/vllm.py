@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from .constants import (
+from kalm_t5gemma2_vllm_plugin.checkpoints.hub import resolve_model
+from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DOCUMENT_MAX_LENGTH,
     DEFAULT_ENCODER_CHUNK_SIZE,
@@ -17,20 +19,21 @@ from .constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
 )
-from .engine import open_passage_store, prepare_engine
-from .engine_prompts import DocumentId
-from .errors import KaLMEngineError, KaLMInputError
-from .hub import resolve_model
-from .scores import MarginReranker, RankResult
-from .settings import EngineSettings
-from .store import PassageStore
-from .validation import (
+from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId
+from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions, EngineSession
+from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
+    margin_from_classify,
+    shutdown_llm,
+)
+from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker
+from kalm_t5gemma2_vllm_plugin.scores import RankResult
+from kalm_t5gemma2_vllm_plugin.store.format import PassageStore
+from kalm_t5gemma2_vllm_plugin.validation import (
     check_documents,
     check_pairs,
     check_positive_int,
-    check_str,
-    parse_chunk_size,
 )
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 
 __all__ = ["KaLMVLLMReranker"]
 
@@ -85,63 +88,38 @@ class KaLMVLLMReranker(MarginReranker):
         decoder_only: bool = False,
         **engine_args: Any,
     ) -> None:
-        self._llm: Any = None
-        self.store: PassageStore | None = None
-        if decoder_only and passage_store is None:
-            raise KaLMInputError(
-                "decoder_only=True needs a passage_store: without an encoder every "
-                "document must come precomputed.",
-                field="decoder_only",
-            )
-        self.settings = EngineSettings(
-            chunk_size=parse_chunk_size(encoder_chunk_size, "encoder_chunk_size"),
-            document_max_length=check_positive_int(
-                document_max_length, "document_max_length"
-            ),
-            query_max_length=check_positive_int(query_max_length, "query_max_length"),
-            allow_passage_states=passage_store is not None,
+        self._session: EngineSession | None = None
+        settings = EngineSettings(
+            chunk_size=encoder_chunk_size,
+            document_max_length=document_max_length,
+            query_max_length=query_max_length,
             decoder_only=decoder_only,
         )
-        self.max_model_len = check_positive_int(max_model_len, "max_model_len")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise KaLMInputError(
-                "gpu_memory_utilization must be in (0, 1], got "
-                f"{gpu_memory_utilization}.",
-                field="gpu_memory_utilization",
-            )
-        self.instruction = check_str(instruction, "instruction")
-        self.system_instruction = check_str(system_instruction, "system_instruction")
-
-        self.model = str(model)
-        self.model_path = resolve_model(model)
-        if passage_store is not None:
-            self.store = open_passage_store(
-                passage_store, self.model_path, self.settings, dtype
-            )
-        setup = prepare_engine(
-            self.model_path,
-            self.settings,
-            instruction=self.instruction,
-            system_instruction=self.system_instruction,
+        options = EngineOptions(
+            model=str(model),
+            model_path="",  # resolved below, once the arguments are known good
+            settings=settings,
             dtype=dtype,
-            max_model_len=self.max_model_len,
-            batch_size=self.batch_size,
+            max_model_len=max_model_len,
+            batch_size=batch_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            **engine_args,
+            instruction=instruction,
+            system_instruction=system_instruction,
+            passage_store=None if passage_store is None else os.fspath(passage_store),
+            engine_args=engine_args,
         )
-        self.tokenizer, self.prompts = setup.tokenizer, setup.prompts
-        self._counters = setup.counters
+        options = dataclasses.replace(options, model_path=resolve_model(model))
         from vllm import LLM
 
-        try:
-            self._llm = LLM(**setup.engine_args)
-        except BaseException:
-            self._counters.unlink()
-            raise
-        self.dtype = str(self._llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        # Start-up (profiling, warm-up) runs dummy passages; count from here.
-        self._counters_at_start = self._counters.snapshot()
+        session = EngineSession(options)
+        session.start(lambda args: LLM(**args), shutdown_llm)
+        self._session = session
+        self.options, self.settings = options, session.settings
+        self.model, self.model_path = options.model, options.model_path
+        self.max_model_len, self.batch_size = options.max_model_len, options.batch_size
+        self.instruction = options.instruction
+        self.tokenizer = session.tokenizer
+        self.dtype = session.dtype
 
     # --- context manager ----------------------------------------------------------
     def __enter__(self) -> KaLMVLLMReranker:
@@ -152,12 +130,18 @@ class KaLMVLLMReranker(MarginReranker):
 
     def close(self) -> None:
         """Shut the engine down; idempotent."""
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            self._counters.unlink()
-        if self.store is not None:
-            self.store.close()
+        if self._session is not None:
+            self._session.close()
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` this reranker owns (read-only)."""
+        return self._open().engine
+
+    @property
+    def store(self) -> PassageStore | None:
+        """The passage store documents given by id come from, if any."""
+        return None if self._session is None else self._session.store
 
     # --- scoring ----------------------------------------------------------------
     def rank(  # type: ignore[override]
@@ -169,6 +153,7 @@ class KaLMVLLMReranker(MarginReranker):
         instruction: str | None = None,
         top_k: int | None = None,
         return_margin: bool = False,
+        batch_size: int | None = None,
     ) -> list[RankResult]:
         """``[{"corpus_id", "score"[, "margin"]}]`` sorted by score; ties by index.
 
@@ -184,47 +169,44 @@ class KaLMVLLMReranker(MarginReranker):
             instruction=instruction,
             top_k=top_k,
             return_margin=return_margin,
+            batch_size=batch_size,
         )
 
     def margins(
-        self, pairs: Sequence[Sequence[str]], *, instruction: str | None = None
+        self,
+        pairs: Sequence[Sequence[str]],
+        *,
+        instruction: str | None = None,
+        batch_size: int | None = None,
     ) -> list[float]:
-        """``yes_logit - no_logit`` (float32) per pair, in input order."""
+        """Margins from vLLM: ``batch_size`` bounds the pairs submitted per
+        ``LLM.classify`` call (default: all at once; vLLM's scheduler batches
+        within a call either way)."""
         checked = check_pairs(pairs)
-        if instruction is None:
-            instruction = self.instruction
-        else:
-            self.prompts.check_instruction(check_str(instruction, "instruction"))
-        llm = self._engine()
-        if not checked:
-            return []
-        built = self.prompts.build(checked, instruction, store=self.store)
-        prompts = [p.prompt for p in built]
+        session = self._open()
+        per_call = len(checked) or 1
+        if batch_size is not None:
+            per_call = check_positive_int(batch_size, "batch_size")
+        instruction = session.instruction(instruction)
         from vllm import PoolingParams
 
-        outputs = llm.classify(
-            prompts, pooling_params=PoolingParams(use_activation=False), use_tqdm=False
-        )
-        return [_margin_of(output) for output in outputs]
+        params = PoolingParams(use_activation=False)
+        margins: list[float] = []
+        for start in range(0, len(checked), per_call):
+            built = session.build(checked[start : start + per_call], instruction)
+            outputs = session.engine.classify(
+                [p.prompt for p in built], pooling_params=params, use_tqdm=False
+            )
+            margins.extend(margin_from_classify(output) for output in outputs)
+        return margins
 
     def stats(self) -> dict[str, int]:
         """Engine counters since start: passages encoded (and their tokens),
         passages received precomputed, requests scored."""
-        self._engine()
-        now = self._counters.snapshot()
-        return {k: now[k] - self._counters_at_start[k] for k in now}
+        return self._open().stats()
 
     # --- helpers ----------------------------------------------------------------
-    def _engine(self) -> Any:
-        if self._llm is None:
+    def _open(self) -> EngineSession:
+        if self._session is None or self._session.engine is None:
             raise RuntimeError("The reranker has been closed.")
-        return self._llm
-
-
-def _margin_of(output: Any) -> float:
-    values = output.outputs.probs
-    if len(values) != 1 or values[0] != values[0] or abs(values[0]) == float("inf"):
-        raise KaLMEngineError(
-            f"The engine returned {values!r} instead of one finite margin."
-        )
-    return float(values[0])
+        return self._session

@@ -1,26 +1,38 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Engine-wide KaLM settings, carried to vLLM's processes through ``hf_overrides``."""
+"""The plugin model's configuration: engine-wide KaLM settings, carried to
+vLLM's processes through ``hf_overrides`` (and read back there)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import (
+from kalm_t5gemma2_vllm_plugin.constants import (
     ARCHITECTURE,
     DEFAULT_DOCUMENT_MAX_LENGTH,
     DEFAULT_ENCODER_CHUNK_SIZE,
     DEFAULT_QUERY_MAX_LENGTH,
-    OVERRIDE_ALLOW_PASSAGE_STATES,
-    OVERRIDE_CHUNK_SIZE,
-    OVERRIDE_COUNTERS_PATH,
-    OVERRIDE_DECODER_ONLY,
-    OVERRIDE_DOCUMENT_MAX_LENGTH,
-    OVERRIDE_QUERY_MAX_LENGTH,
 )
-from .validation import check_positive_int, parse_chunk_size
+from kalm_t5gemma2_vllm_plugin.validation import check_positive_int, parse_chunk_size
 
-__all__ = ["EngineSettings"]
+__all__ = ["IDS_FIELD", "SCORE_IDS_KEY", "STATES_FIELD", "EngineSettings"]
+
+# --- what crosses from the caller into vLLM's processes ----------------------------
+# Passage item keys (multi_modal_data={"passage": ...} and the processor's fields):
+#: encoder token ids of the passage
+IDS_FIELD = "passage_ids"
+#: precomputed pooled states (the passage store)
+STATES_FIELD = "passage_states"
+#: a score-API prompt, moved there by the model's ``post_process_tokens``
+SCORE_IDS_KEY = "score_ids"
+
+# hf_overrides keys the plugin model reads back (prefixed: HF configs hold other keys).
+OVERRIDE_CHUNK_SIZE = "kalm_encoder_chunk_size"
+OVERRIDE_DOCUMENT_MAX_LENGTH = "kalm_document_max_length"
+OVERRIDE_QUERY_MAX_LENGTH = "kalm_query_max_length"
+OVERRIDE_ALLOW_PASSAGE_STATES = "kalm_allow_passage_states"
+OVERRIDE_DECODER_ONLY = "kalm_decoder_only"
+OVERRIDE_COUNTERS_PATH = "kalm_counters_path"
 
 
 @dataclass(frozen=True)
@@ -42,9 +54,19 @@ class EngineSettings:
     counters_path: str | None = None
 
     def __post_init__(self) -> None:
-        parse_chunk_size(self.chunk_size, "encoder_chunk_size")
-        check_positive_int(self.document_max_length, "document_max_length")
-        check_positive_int(self.query_max_length, "query_max_length")
+        # Normalise, not only check: "4" becomes 4, "none" becomes None.
+        for name, value in (
+            ("chunk_size", parse_chunk_size(self.chunk_size, "encoder_chunk_size")),
+            (
+                "document_max_length",
+                check_positive_int(self.document_max_length, "document_max_length"),
+            ),
+            (
+                "query_max_length",
+                check_positive_int(self.query_max_length, "query_max_length"),
+            ),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def pool_factor(self) -> int:
@@ -70,9 +92,8 @@ class EngineSettings:
     @classmethod
     def from_hf_config(cls, config: Any) -> EngineSettings:
         """Read the overrides back; absent keys take the defaults."""
-        chunk = getattr(config, OVERRIDE_CHUNK_SIZE, DEFAULT_ENCODER_CHUNK_SIZE)
         return cls(
-            chunk_size=parse_chunk_size(chunk, "encoder_chunk_size"),
+            chunk_size=getattr(config, OVERRIDE_CHUNK_SIZE, DEFAULT_ENCODER_CHUNK_SIZE),
             document_max_length=getattr(
                 config, OVERRIDE_DOCUMENT_MAX_LENGTH, DEFAULT_DOCUMENT_MAX_LENGTH
             ),

@@ -1,14 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Turn a model name (local directory or Hugging Face Hub id) into a local directory."""
+"""A model name (local directory or Hugging Face Hub id) to a local directory,
+and the fingerprint that identifies a checkpoint's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from .errors import KaLMConfigError
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
 
-__all__ = ["resolve_model"]
+__all__ = ["model_fingerprint", "resolve_model"]
 
 # What a KaLM checkpoint needs; the repos also hold ST modules and remote code.
 _CHECKPOINT_FILES = [
@@ -52,3 +54,23 @@ def resolve_model(model: str | os.PathLike[str]) -> str:
             f"(HF_HUB_OFFLINE is {os.environ.get('HF_HUB_OFFLINE', 'unset')}) or "
             f"pass a local checkpoint directory."
         ) from exc
+
+
+def model_fingerprint(model_path: str | os.PathLike[str]) -> str:
+    """A hash of the checkpoint's config and weights, cheap even for large files.
+
+    Per weights file: name, size, the safetensors header (every tensor's name,
+    dtype, shape and offsets) and 16 evenly spaced 64 KiB samples of the data.
+    """
+    root = Path(model_path)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for path in sorted(root.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            for i in range(16):
+                f.seek(size * i // 16)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:32]

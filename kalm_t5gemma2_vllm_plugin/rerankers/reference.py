@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The model card's plain-Transformers KaLM reranker: the fidelity oracle.
 
+``KaLMReranker`` keeps the model card's class name (and argument names) so the
+card's code runs unchanged; the product is ``KaLMVLLMReranker``.
+
 Deliberately plain: the whole ``T5Gemma2ForConditionalGeneration`` (vision
 tower included), the full LM head, one batch at a time. Every faster path in
 this package is tested against it.
@@ -15,7 +18,8 @@ import torch
 from transformers import AutoTokenizer, T5Gemma2ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from .constants import (
+from kalm_t5gemma2_vllm_plugin.checkpoints.hub import resolve_model
+from kalm_t5gemma2_vllm_plugin.constants import (
     DECODER_PAD_TO_MULTIPLE_OF,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DOCUMENT_MAX_LENGTH,
@@ -25,37 +29,32 @@ from .constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
 )
-from .errors import KaLMEngineError
-from .hub import resolve_model
-from .pooling import mep_pool
-from .prompting import check_yes_no_tokens, decoder_prompt_ids, encode_document
-from .scores import MarginReranker
-from .validation import check_pairs, check_positive_int, check_str, parse_chunk_size
+from kalm_t5gemma2_vllm_plugin.errors import KaLMEngineError
+from kalm_t5gemma2_vllm_plugin.mep import mep_pool
+from kalm_t5gemma2_vllm_plugin.prompt import (
+    check_yes_no_tokens,
+    decoder_prompt_ids,
+    encode_document,
+)
+from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_pairs,
+    check_positive_int,
+    check_str,
+    parse_chunk_size,
+    parse_dtype,
+)
 
-__all__ = ["KaLMReranker", "parse_dtype"]
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
+__all__ = ["KaLMReranker"]
 
 
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` gives bf16 on CUDA and fp32 elsewhere."""
-    if dtype is None:
+def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` gives bf16 on CUDA and fp32 elsewhere: pass ``dtype="float32"``
+    wherever this reranker is the fidelity oracle."""
+    name = parse_dtype(dtype)
+    if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower()
-    if key not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    return _DTYPES[key]
+    return getattr(torch, name)  # type: ignore[no-any-return]
 
 
 class KaLMReranker(MarginReranker):
@@ -103,7 +102,7 @@ class KaLMReranker(MarginReranker):
         self.device = torch.device(
             device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        self.dtype = parse_dtype(dtype, self.device)
+        self.dtype = _torch_dtype(dtype, self.device)
 
         path = resolve_model(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

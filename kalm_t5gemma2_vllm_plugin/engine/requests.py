@@ -13,17 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEFAULT_SYSTEM_INSTRUCTION, PASSAGE_MODALITY, STATES_FIELD
-from .errors import KaLMInputError
-from .pooling import pooled_length
-from .prompting import (
+from kalm_t5gemma2_vllm_plugin.constants import (
+    DEFAULT_SYSTEM_INSTRUCTION,
+    PASSAGE_MODALITY,
+)
+from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
+from kalm_t5gemma2_vllm_plugin.mep import pooled_length
+from kalm_t5gemma2_vllm_plugin.prompt import (
     TokenizerLike,
     decoder_prompt_ids,
     encode_document,
     format_decoder_prompt,
 )
-from .settings import EngineSettings
-from .store import PassageRecord, PassageStore
+from kalm_t5gemma2_vllm_plugin.store.format import PassageRecord, PassageStore
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import STATES_FIELD, EngineSettings
 
 __all__ = ["DocumentId", "EnginePrompt", "PromptBuilder"]
 
@@ -101,9 +104,10 @@ class PromptBuilder:
         """Engine prompts for validated pairs, in order (one tokenization per query).
 
         A ``DocumentId`` document takes its precomputed states from ``store``
-        (``KeyError`` naming unknown ids). ``document_max_length`` may only lower
-        the engine's limit for text (per-request ``max_tokens_per_doc``); stored
-        passages keep the length they were encoded with.
+        (``UnknownDocumentError`` naming unknown ids). ``document_max_length``
+        may only lower the engine's limit for text (per-request
+        ``max_tokens_per_doc``); stored passages keep the length they were
+        encoded with.
         """
         stored = self._stored(pairs, store)
         limit = self.settings.document_max_length

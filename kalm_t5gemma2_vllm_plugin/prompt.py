@@ -11,16 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .constants import (
-    DECODER_TEMPLATE,
+from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_INSTRUCTION,
     DEFAULT_SYSTEM_INSTRUCTION,
-    DOCUMENT_PREFIX,
     NO_TOKEN,
-    SCORE_SEPARATOR,
     YES_TOKEN,
 )
-from .errors import KaLMConfigError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
 
 __all__ = [
     "EncodedDocument",
@@ -30,10 +27,17 @@ __all__ = [
     "document_text",
     "encode_document",
     "format_decoder_prompt",
-    "pack_score_text",
     "truncate_query",
-    "unpack_score_text",
 ]
+
+
+#: The literal prefix of every encoder input.
+DOCUMENT_PREFIX = "<Document>: "
+# The decoder prompt, character-exact (model.md §2.3). "<bos>" is literal text.
+DECODER_TEMPLATE = (
+    "<bos><start_of_turn>user\n{system_instruction}\n\n<Instruct>: {instruction}\n"
+    "<Query>: {query}<end_of_turn>\n<start_of_turn>model\n\n\n\n"
+)
 
 
 class TokenizerLike(Protocol):
@@ -131,38 +135,3 @@ def check_yes_no_tokens(tokenizer: TokenizerLike) -> tuple[int, int]:
             )
         found.append(ids[0])
     return found[0], found[1]
-
-
-def pack_score_text(query: str, document: str, instruction: str = "") -> str:
-    """The text vLLM's score API tokenizes for one pair (``get_score_template``).
-
-    The plugin's processor decodes it back and builds the real KaLM prompt with
-    the functions above, so the score API applies exactly the same template and
-    truncation as every other path. An empty instruction means the default.
-    The Jinja score template shipped with the package emits the same layout.
-    """
-    for name, value in (("query", query), ("instruction", instruction)):
-        if SCORE_SEPARATOR in value:
-            raise KaLMInputError(
-                f"The {name} contains the reserved separator {SCORE_SEPARATOR!r}.",
-                field=name,
-            )
-    sep = SCORE_SEPARATOR
-    return f"{sep}{query}{sep}{instruction}{sep}{document}"
-
-
-def unpack_score_text(text: str) -> tuple[str, str, str]:
-    """Split a decoded score prompt into ``(query, instruction, document)``.
-
-    Anything before the first separator (the tokenizer's ``<bos>``) is dropped;
-    the document comes last, so a separator inside it cannot shift the fields.
-    """
-    parts = text.split(SCORE_SEPARATOR, 3)
-    if len(parts) != 4:
-        raise KaLMInputError(
-            "A score prompt for the KaLM reranker must come from its score "
-            f"template (query, instruction and document separated by "
-            f"{SCORE_SEPARATOR!r}); found {len(parts) - 1} separators."
-        )
-    _, query, instruction, document = parts
-    return query, instruction, document

@@ -1,0 +1,257 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One KaLM engine seen from the caller's side, shared by the offline reranker
+(``LLM``) and the HTTP service (``AsyncLLM``).
+
+``EngineSession`` owns what both need besides the engine's submit loop: the
+checked options, the tokenizer and request builder, the passage store, the
+counters and their baseline, the vLLM engine arguments, and the shutdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kalm_t5gemma2_vllm_plugin.constants import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_SYSTEM_INSTRUCTION,
+    PASSAGE_MODALITY,
+)
+from kalm_t5gemma2_vllm_plugin.counters import EngineCounters
+from kalm_t5gemma2_vllm_plugin.engine.requests import EnginePrompt, PromptBuilder
+from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
+    check_vllm_runtime,
+    engine_dtype,
+    platform_engine_kwargs,
+)
+from kalm_t5gemma2_vllm_plugin.errors import KaLMEngineError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.prompt import check_yes_no_tokens
+from kalm_t5gemma2_vllm_plugin.store.format import PassageStore, StoreIdentity
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_positive_int,
+    check_str,
+    parse_dtype,
+)
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
+
+__all__ = ["EngineOptions", "EngineSession", "default_dtype", "engine_kwargs"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_dtype() -> str:
+    """bf16 on CUDA, float32 elsewhere (as the reference reranker)."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything an engine is started with; checked and normalised on creation
+    (field names are the ``KaLMVLLMReranker`` keywords)."""
+
+    model: str
+    model_path: str
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    #: ``None``: bf16 on CUDA, float32 on CPU.
+    dtype: str | None = None
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
+    gpu_memory_utilization: float | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION
+    #: A store written by ``kalm-vllm-encode``: documents may come by id.
+    passage_store: str | None = None
+    #: More keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``.
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def normal(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        normal("dtype", parse_dtype(self.dtype, "dtype"))
+        normal("max_model_len", check_positive_int(self.max_model_len, "max_model_len"))
+        normal("batch_size", check_positive_int(self.batch_size, "batch_size"))
+        utilization = self.gpu_memory_utilization
+        if utilization is not None and (
+            isinstance(utilization, bool)
+            or not isinstance(utilization, int | float)
+            or not 0 < utilization <= 1
+        ):
+            raise KaLMInputError(
+                f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.",
+                field="gpu_memory_utilization",
+            )
+        check_str(self.instruction, "instruction")
+        check_str(self.system_instruction, "system_instruction")
+        if self.passage_store is not None:
+            normal("passage_store", os.fspath(self.passage_store))
+        if self.settings.decoder_only and self.passage_store is None:
+            raise KaLMInputError(
+                "decoder_only=True needs a passage_store: without an encoder every "
+                "document must come precomputed.",
+                field="decoder_only",
+            )
+        if self.settings.allow_passage_states != (self.passage_store is not None):
+            normal(
+                "settings",
+                dataclasses.replace(
+                    self.settings, allow_passage_states=self.passage_store is not None
+                ),
+            )
+
+
+def engine_kwargs(options: EngineOptions, settings: EngineSettings) -> dict[str, Any]:
+    """The vLLM engine arguments for a KaLM checkpoint (offline and server)."""
+    kwargs: dict[str, Any] = dict(
+        model=options.model_path,
+        runner="pooling",
+        # Our model is not torch.compile'd and has no CUDA-graph-able decoder step.
+        enforce_eager=True,
+        dtype=options.dtype or default_dtype(),
+        max_model_len=options.max_model_len,
+        max_num_seqs=options.batch_size,
+        hf_overrides=settings.hf_overrides(),
+        limit_mm_per_prompt={PASSAGE_MODALITY: 1},
+    )
+    kwargs.update(
+        platform_engine_kwargs(
+            options.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
+            explicit_utilization=options.gpu_memory_utilization is not None,
+        )
+    )
+    kwargs.update(options.engine_args)
+    return kwargs
+
+
+class EngineSession:
+    """The caller's side of one engine: prepare, ``start``, build requests,
+    count, ``close``. The owner submits requests its own way (``LLM.classify``
+    or ``AsyncLLM.encode``).
+
+    Preparing checks the checkpoint's tokenizer, the instruction, vLLM and the
+    store; nothing is left behind if it fails.
+    """
+
+    def __init__(self, options: EngineOptions) -> None:
+        from transformers import AutoTokenizer
+
+        self.options = options
+        self.settings = options.settings
+        self.engine: Any = None
+        self.dtype: str = options.dtype or default_dtype()
+        self.store: PassageStore | None = None
+        self.counters: EngineCounters | None = None
+        self._shutdown: Callable[[Any], None] | None = None
+        # An HF fast tokenizer; the prompt code types it by the calls it makes.
+        tokenizer: Any = AutoTokenizer.from_pretrained(options.model_path)
+        self.tokenizer = tokenizer
+        check_yes_no_tokens(self.tokenizer)
+        self.requests = PromptBuilder(
+            self.tokenizer,
+            self.settings,
+            max_model_len=options.max_model_len,
+            system_instruction=options.system_instruction,
+        )
+        self.requests.check_instruction(options.instruction)
+        check_vllm_runtime()
+        try:
+            if options.passage_store is not None:
+                self.store = PassageStore(
+                    options.passage_store,
+                    expected=StoreIdentity.for_engine(
+                        options.model_path,
+                        self.settings.chunk_size,
+                        self.settings.document_max_length,
+                        self.dtype,
+                    ),
+                )
+            self.counters = EngineCounters.create()
+            self.engine_args = engine_kwargs(
+                options,
+                dataclasses.replace(
+                    self.settings, counters_path=str(self.counters.path)
+                ),
+            )
+        except BaseException:
+            self._release()
+            raise
+        self._counters_at_start = self.counters.snapshot()
+
+    def start(
+        self, build: Callable[[dict[str, Any]], Any], shutdown: Callable[[Any], None]
+    ) -> Any:
+        """Build the engine from the engine arguments; on failure release
+        everything the session holds."""
+        try:
+            engine = build(self.engine_args)
+        except BaseException:
+            self._release()
+            raise
+        self.engine, self._shutdown = engine, shutdown
+        self.dtype = engine_dtype(engine)
+        # Start-up (profiling, warm-up) may run dummy passages; count from here.
+        assert self.counters is not None
+        self._counters_at_start = self.counters.snapshot()
+        return engine
+
+    def instruction(self, instruction: str | None) -> str:
+        """The instruction of a call: the engine's default, or a checked one."""
+        if instruction is None:
+            return self.options.instruction
+        instruction = check_str(instruction, "instruction")
+        self.requests.check_instruction(instruction)
+        return instruction
+
+    def build(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        instruction: str | None,
+        *,
+        document_max_length: int | None = None,
+    ) -> list[EnginePrompt]:
+        """Engine requests for validated pairs (documents by text or ``DocumentId``)."""
+        return self.requests.build(
+            pairs,
+            self.instruction(instruction),
+            document_max_length=document_max_length,
+            store=self.store,
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Engine counters since start: passages encoded (and their tokens),
+        passages received precomputed, requests scored."""
+        if self.counters is None:  # closed
+            return {}
+        now = self.counters.snapshot()
+        return {k: now[k] - self._counters_at_start.get(k, 0) for k in now}
+
+    def check_open(self) -> Any:
+        if self.engine is None:
+            raise KaLMEngineError("The engine has been shut down.")
+        return self.engine
+
+    def close(self) -> None:
+        """Shut the engine down and release the counters and store; idempotent."""
+        engine, self.engine = self.engine, None
+        try:
+            if engine is not None and self._shutdown is not None:
+                self._shutdown(engine)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        counters, self.counters = self.counters, None
+        if counters is not None:
+            counters.unlink()
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()

