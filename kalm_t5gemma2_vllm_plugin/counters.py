@@ -15,14 +15,20 @@ import struct
 import tempfile
 from pathlib import Path
 
-__all__ = ["COUNTER_NAMES", "EngineCounters"]
+__all__ = ["COUNTER_NAMES", "LEVELS", "EngineCounters"]
 
 COUNTER_NAMES = (
     "passages_encoded",  # passages run through the encoder
     "passage_tokens_encoded",  # their encoder tokens
     "passages_from_store",  # precomputed passages received (no encoder work)
     "requests_scored",  # requests run through the decoder
+    "passage_cache_hits",  # passages served by the plugin's passage cache
+    "passage_cache_misses",  # lookups it could not serve
+    "passage_cache_evictions",  # entries dropped to stay within its size
+    "passage_cache_bytes",  # bytes it holds now (a level, not a count)
 )
+#: Counters that hold a current level; ``stats()`` reports them as they are.
+LEVELS = frozenset({"passage_cache_bytes"})
 _FORMAT = "<" + "q" * len(COUNTER_NAMES)
 _SIZE = struct.calcsize(_FORMAT)
 
@@ -51,6 +57,12 @@ class EngineCounters:
         values = list(struct.unpack(_FORMAT, self._map[:_SIZE]))
         for name, value in increments.items():
             values[COUNTER_NAMES.index(name)] += value
+        self._map[:_SIZE] = struct.pack(_FORMAT, *values)
+
+    def set(self, **levels: int) -> None:
+        values = list(struct.unpack(_FORMAT, self._map[:_SIZE]))
+        for name, value in levels.items():
+            values[COUNTER_NAMES.index(name)] = value
         self._map[:_SIZE] = struct.pack(_FORMAT, *values)
 
     def snapshot(self) -> dict[str, int]:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
@@ -11,12 +14,16 @@ from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError, KaLMInputTypeError
 
 __all__ = [
     "check_documents",
+    "check_json_output",
     "check_pairs",
     "check_positive_int",
     "check_str",
     "check_top_k",
+    "json_unicode_problem",
     "parse_chunk_size",
     "parse_dtype",
+    "read_jsonl",
+    "unicode_problem",
 ]
 
 _NO_POOLING = ("", "none", "null")
@@ -141,3 +148,148 @@ def parse_dtype(value: Any, name: str = "dtype") -> str | None:
             field=name,
         )
     return _DTYPE_NAMES[key]
+
+
+# --- text and JSON lines from outside ------------------------------------------------
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not Unicode text that UTF-8 can carry, or ``None``.
+
+    A Python ``str`` may hold a lone UTF-16 surrogate (JSON's ``"\\ud800"``, or
+    CESU-8 bytes decoded with ``surrogatepass``); no tokenizer, hash or UTF-8
+    writer accepts one, so every text from outside is checked here first.
+
+    Example:
+        >>> unicode_problem("caf\\u00e9") is None
+        True
+        >>> unicode_problem("a\\ud800")
+        'must be valid Unicode text; found a lone surrogate U+D800 at character 1'
+    """
+    if text.isascii():
+        return None
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    return (
+        f"must be valid Unicode text; found a lone surrogate "
+        f"U+{ord(match.group()):04X} at character {match.start()}"
+    )
+
+
+def _json_strings(value: Any) -> Iterator[tuple[str, str]]:
+    """``(where inside value, string)`` for every string and key in a JSON
+    value, without recursion (so nesting depth never matters)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            yield f"at {path}" if path else "", item
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                yield f"in a key at {path}" if path else "in a key", str(key)
+                stack.append((f"{path}.{key}" if path else str(key), child))
+        elif isinstance(item, list | tuple):
+            stack.extend(
+                (f"{path}.{i}" if path else str(i), child)
+                for i, child in enumerate(item)
+            )
+
+
+def json_unicode_problem(value: Any) -> str | None:
+    """:func:`unicode_problem` for any string or key inside a JSON value."""
+    for where, text in _json_strings(value):
+        if (problem := unicode_problem(text)) is not None:
+            return f"{problem} ({where})" if where else problem
+    return None
+
+
+def check_json_output(value: Any, name: str) -> None:
+    """Raise unless ``value`` can be written back as strict UTF-8 JSON (an id
+    echoed in an output row): no lone surrogate, no NaN or Infinity, and no
+    nesting too deep to write."""
+    if (problem := json_unicode_problem(value)) is not None:
+        raise KaLMInputError(f"{name} {problem}", field=name)
+    try:
+        json.dumps(value, allow_nan=False)
+    except RecursionError:
+        raise KaLMInputError(
+            f"{name} is nested too deeply to be written back", field=name
+        ) from None
+    except ValueError:
+        raise KaLMInputError(
+            f"{name} must not hold NaN or Infinity, which JSON cannot represent",
+            field=name,
+        ) from None
+
+
+def _parse_int(digits: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        raise ValueError(f"a number has more than {limit} digits")
+    return int(digits)
+
+
+def _decode_line(raw: bytes | str, line_number: int) -> str:
+    """One line as text; ``ValueError`` saying why it is not UTF-8 JSON text."""
+    if isinstance(raw, str):  # a text stream (already decoded by its owner)
+        return raw
+    if line_number == 1:
+        if raw.startswith(_UTF16_BOMS):
+            raise ValueError(
+                "starts with a UTF-16 byte-order mark; the input must be UTF-8 "
+                "(convert it with: iconv -f UTF-16 -t UTF-8)"
+            )
+        raw = raw.removeprefix(_UTF8_BOM)
+    if b"\0" in raw:
+        raise ValueError(
+            "contains NUL bytes, which UTF-8 JSON never has; the input must be "
+            "UTF-8 (is the file UTF-16?)"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02X} at byte {exc.start + 1} "
+            f"of the line: {exc.reason})"
+        ) from None
+
+
+def _parse_line(raw: bytes | str, line_number: int) -> Any:
+    text = _decode_line(raw, line_number)
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # from _parse_int
+        raise ValueError(f"invalid JSON ({exc})") from None
+
+
+def read_jsonl(
+    lines: Iterable[bytes | str], name: str
+) -> Iterator[tuple[int, Any | KaLMInputError]]:
+    """``(line number, JSON value or the error for that line)`` per non-blank
+    line; errors start with ``name:line:``. Every way a line can fail to be a UTF-8 JSON
+    text (bad bytes, UTF-16, a number beyond Python's int-string limit, nesting
+    beyond the recursion limit) is an input error naming the line, so one bad
+    line never costs the lines around it. A UTF-8 byte-order mark is allowed.
+
+    Example:
+        >>> lines = [b'{"a": 1}\\n', b"\\n", b"\\xe9\\n"]
+        >>> for line_number, row in read_jsonl(lines, "in"):
+        ...     print(row)
+        {'a': 1}
+        in:3: not valid UTF-8 (byte 0xE9 at byte 1 of the line: invalid ...)
+    """
+    for line_number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield line_number, _parse_line(raw, line_number)
+        except ValueError as exc:
+            yield line_number, KaLMInputError(f"{name}:{line_number}: {exc}")

@@ -52,25 +52,21 @@ class EncodeRun:
     stderr: str
 
 
+def encode_args(checkpoint: Path, corpus: Path, store: Path, *extra: str) -> list[str]:
+    """``kalm-vllm-encode`` arguments; the stores are float32 (the tests'
+    engines run float32, also on a CUDA host) unless ``extra`` says otherwise."""
+    dtype = () if "--dtype" in extra else ("--dtype", "float32")
+    model = ["--model", str(checkpoint), "--input", str(corpus)]
+    return [*model, "--store", str(store), *dtype, *extra]
+
+
 def run_encode(
     checkpoint: Path, corpus: Path, store: Path, *extra: str, check: bool = True
 ) -> EncodeRun:
     """``kalm-vllm-encode`` in this process (its ``main``), output captured."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = encode.main(
-            [
-                "--model",
-                str(checkpoint),
-                "--input",
-                str(corpus),
-                "--store",
-                str(store),
-                # the tests' engines run float32, also on a CUDA host
-                *(() if "--dtype" in extra else ("--dtype", "float32")),
-                *extra,
-            ]
-        )
+        code = encode.main(encode_args(checkpoint, corpus, store, *extra))
     done = EncodeRun(code, out.getvalue(), err.getvalue())
     if check:
         assert done.returncode == 0, done.stderr[-3000:]

@@ -17,27 +17,22 @@ from kalm_t5gemma2_vllm_plugin.validation import parse_dtype
 
 __all__ = ["QWEN3_PRESETS", "make_cross_encoder_checkpoint"]
 
+# Qwen3 config fields by preset, as a table: the real 0.6B and a tiny one.
+_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 QWEN3_PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-    ),
-    "tiny": dict(
-        vocab_size=151936,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=4096,
-    ),
+    name: dict(zip(_FIELDS, values, strict=True), vocab_size=151936)
+    for name, values in {
+        "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 40960),
+        "tiny": (128, 256, 2, 2, 1, 64, 4096),
+    }.items()
 }
 # Real Qwen3 ids of the tokens the reranker prompt and head depend on.
 _QWEN3_FIXED_IDS = {

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kalm_t5gemma2_vllm_plugin.constants import (
@@ -14,7 +17,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_DOCUMENT_MAX_LENGTH,
     DEFAULT_ENCODER_CHUNK_SIZE,
 )
-from kalm_t5gemma2_vllm_plugin.errors import KaLMError
+from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
 
 __all__ = ["main"]
 
@@ -46,9 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="dtype of the stored states; must match the serving "
         "engine's (default: bf16 on CUDA, fp32 on CPU)",
     )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave malformed rows out (and report how many) instead of stopping",
+    )
     args = parser.parse_args(argv)
 
     from kalm_t5gemma2_vllm_plugin.checkpoints.hub import resolve_model
+    from kalm_t5gemma2_vllm_plugin.cli.common import Output, flush_stdout
     from kalm_t5gemma2_vllm_plugin.engine.session import default_dtype
     from kalm_t5gemma2_vllm_plugin.store.encoder import PassageEncoder, encode_corpus
     from kalm_t5gemma2_vllm_plugin.store.format import StoreIdentity
@@ -58,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_dtype,
     )
 
+    invalid: list[KaLMInputError] | None = [] if args.skip_invalid else None
     try:
         chunk = parse_chunk_size(args.encoder_chunk_size, "--encoder-chunk-size")
         check_positive_int(args.document_max_length, "--document-max-length")
@@ -73,19 +83,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=dtype,
             document_max_length=args.document_max_length,
         )
-        counts = encode_corpus(
-            encoder,
-            args.input,
-            args.store,
-            identity=identity,
-            batch_size=args.batch_size,
-            progress=sys.stderr.isatty(),
-        )
+        with _store_errors(args.store):
+            counts = encode_corpus(
+                encoder,
+                args.input,
+                args.store,
+                identity=identity,
+                batch_size=args.batch_size,
+                progress=sys.stderr.isatty(),
+                invalid=invalid,
+            )
+        if invalid:
+            print(
+                f"Skipped {len(invalid)} invalid row(s); first: {invalid[0]}",
+                file=sys.stderr,
+            )
+        skipped = {} if invalid is None else {"invalid": len(invalid)}
+        summary = json.dumps({**counts, **skipped, "store": str(args.store)})
+        Output(sys.stdout, "stdout").write(summary + "\n")
+        flush_stdout()
     except (KaLMError, OSError) as exc:
         print(f"kalm-vllm-encode: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({**counts, "store": str(args.store)}))
     return 0
+
+
+@contextlib.contextmanager
+def _store_errors(store: Path) -> Iterator[None]:
+    """A store that cannot be written (a full disk) is one line naming it."""
+    from safetensors import SafetensorError
+
+    kept = "; the passages committed before it are kept, and a re-run completes them"
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise KaLMError(
+            f"--store {store}: could not write ({exc.strerror}){kept}"
+        ) from None
+    except SafetensorError as exc:  # writing a shard
+        raise KaLMError(
+            f"--store {store}: could not write a shard ({exc}){kept}"
+        ) from None
+    except sqlite3.Error as exc:  # the index; SQLite says "disk I/O error"
+        raise KaLMError(f"--store {store}: the index failed ({exc}){kept}") from None
 
 
 if __name__ == "__main__":

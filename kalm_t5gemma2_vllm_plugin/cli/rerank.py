@@ -4,30 +4,41 @@
 Input rows are ``{"query", "document", "id"?, "instruction"?}``; output rows are
 ``{"id", "query", "document", "score"[, "margin"][, "instruction"]}`` in input
 order (or the best ``--top-k`` per query). The file is streamed batch by batch,
-so it may be far larger than memory.
+so it may be far larger than memory. A line that is not a valid row (bad JSON,
+bytes that are not UTF-8, a lone surrogate, ...) stops the run after the rows
+before it, or is skipped with ``--skip-invalid``. The output file is written
+under a temporary name and renamed into place when the run ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from kalm_t5gemma2_vllm_plugin.cli.common import (
+    Output,
     add_engine_arguments,
     configure_vllm_environment,
     flag_error,
+    open_output,
     reranker_kwargs,
     resolve_cli_model,
 )
 from kalm_t5gemma2_vllm_plugin.constants import SAMPLE_DOCUMENTS, SAMPLE_QUERY
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_json_output,
+    read_jsonl,
+    unicode_problem,
+)
 
 __all__ = ["main"]
 
@@ -44,11 +55,7 @@ class _Row:
     instruction: str | None
 
 
-def _parse_row(line: str, where: str, index: int) -> _Row:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise KaLMInputError(f"{where}: invalid JSON ({exc.msg})") from None
+def _parse_row(data: Any, where: str, index: int) -> _Row:
     if not isinstance(data, dict):
         raise KaLMInputError(
             f"{where}: a row must be a JSON object, got {type(data).__name__}"
@@ -59,22 +66,31 @@ def _parse_row(line: str, where: str, index: int) -> _Row:
     instruction = data.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise KaLMInputError(f"{where}: field 'instruction' must be a string or null")
+    for key in ("query", "document", "instruction"):
+        if isinstance(data.get(key), str) and (problem := unicode_problem(data[key])):
+            raise KaLMInputError(f"{where}: field {key!r} {problem}")
+    if "id" in data:  # echoed in the output row, which must be strict JSON
+        try:
+            check_json_output(data["id"], "field 'id'")
+        except KaLMInputError as exc:
+            raise KaLMInputError(f"{where}: {exc}") from None
     return _Row(
         index, data.get("id", index), data["query"], data["document"], instruction
     )
 
 
-def _read_rows(stream: IO[str], name: str) -> Iterator[_Row | KaLMInputError]:
+def _read_rows(
+    lines: Iterable[bytes | str], name: str
+) -> Iterator[_Row | KaLMInputError]:
     """Rows in file order; a malformed one is yielded as its error."""
-    index = 0
-    for line_number, line in enumerate(stream, start=1):
-        if not line.strip():
+    for index, (line_number, data) in enumerate(read_jsonl(lines, name)):
+        if isinstance(data, KaLMInputError):
+            yield data
             continue
         try:
-            yield _parse_row(line, f"{name}:{line_number}", index)
+            yield _parse_row(data, f"{name}:{line_number}", index)
         except KaLMInputError as exc:
             yield exc
-        index += 1
 
 
 def _score_rows(
@@ -129,11 +145,11 @@ def _top_k_per_query(
     ]
 
 
-def _write(out: IO[str], record: dict[str, Any]) -> None:
+def _write(out: Output, record: dict[str, Any]) -> None:
     out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _rank_sample(reranker: Any, args: argparse.Namespace, out: IO[str]) -> None:
+def _rank_sample(reranker: Any, args: argparse.Namespace, out: Output) -> None:
     results = reranker.rank(
         SAMPLE_QUERY,
         list(SAMPLE_DOCUMENTS),
@@ -150,23 +166,20 @@ def _rank_sample(reranker: Any, args: argparse.Namespace, out: IO[str]) -> None:
         _write(out, record)
 
 
-def _rerank_file(reranker: Any, args: argparse.Namespace, out: IO[str]) -> int:
+def _rerank_file(
+    reranker: Any, args: argparse.Namespace, source: IO[Any], out: Output
+) -> KaLMInputError | None:
+    """Score the input into ``out``; the first malformed row, unless skipped
+    (the rows before it are written, as the best ``--top-k`` when asked)."""
     from tqdm import tqdm
 
     name = "<stdin>" if args.input_jsonl == "-" else args.input_jsonl
-    stream = (
-        sys.stdin
-        if args.input_jsonl == "-"
-        else open(  # noqa: SIM115
-            args.input_jsonl, encoding="utf-8"
-        )
-    )
     progress = tqdm(unit=" rows", disable=not sys.stderr.isatty(), file=sys.stderr)
     kept: list[tuple[float, dict[str, Any]]] = []
     skipped: list[KaLMInputError] = []
     error: KaLMInputError | None = None
-    try:
-        items = _read_rows(stream, name)
+    with contextlib.closing(progress):
+        items = _read_rows(source, name)
         while error is None and (
             chunk := list(itertools.islice(items, _ROWS_PER_CALL))
         ):
@@ -186,12 +199,6 @@ def _rerank_file(reranker: Any, args: argparse.Namespace, out: IO[str]) -> int:
             else:
                 kept = _top_k_per_query(itertools.chain(kept, scored), args.top_k)
             progress.update(len(batch))
-    finally:
-        progress.close()
-        if stream is not sys.stdin:
-            stream.close()
-    if error is not None:
-        raise error
     for _, record in kept:
         _write(out, record)
     if skipped:
@@ -199,7 +206,37 @@ def _rerank_file(reranker: Any, args: argparse.Namespace, out: IO[str]) -> int:
             f"Skipped {len(skipped)} invalid row(s); first: {skipped[0]}",
             file=sys.stderr,
         )
-    return 0
+    return error
+
+
+def _open_input(path: str | None) -> IO[Any] | None:
+    """The input as bytes (each line is decoded on its own, so a bad byte costs
+    one row), opened before the engine starts so a missing file fails at once."""
+    if path is None:
+        return None
+    if path == "-":
+        return getattr(sys.stdin, "buffer", sys.stdin)  # type: ignore[no-any-return]
+    try:
+        return open(path, "rb")  # noqa: SIM115 - closed by _run
+    except OSError as exc:
+        raise KaLMError(f"--input-jsonl {path}: {exc.strerror}") from None
+
+
+def _same_file_error(args: argparse.Namespace) -> str | None:
+    """Writing the output over the input would empty it before it is read."""
+    source, target = args.input_jsonl, args.output_jsonl
+    if source in (None, "-") or target is None:
+        return None
+    try:
+        same = os.path.samefile(source, target)
+    except OSError:  # one of them does not exist: not the same file
+        same = os.path.realpath(source) == os.path.realpath(target)
+    if not same:
+        return None
+    return (
+        f"--output-jsonl {target} is the same file as --input-jsonl {source}; "
+        f"write the output to another file"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,31 +268,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k is not None and args.top_k < 0:
         parser.error("--top-k must be >= 0")
 
-    configure_vllm_environment(in_process=True)
-    out: IO[str] = sys.stdout
-    try:
-        _, model = resolve_cli_model(args.model)
-        from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
+    if (same := _same_file_error(args)) is not None:
+        print(f"kalm-vllm-rerank: error: {same}", file=sys.stderr)
+        return 2
 
-        if args.output_jsonl:
-            Path(args.output_jsonl).parent.mkdir(parents=True, exist_ok=True)
-            out = open(args.output_jsonl, "w", encoding="utf-8")  # noqa: SIM115
-        with KaLMVLLMReranker(model, **reranker_kwargs(args)) as reranker:
-            print(
-                f"KaLM reranker on vLLM: model={model} dtype={reranker.dtype} "
-                f"encoder_chunk_size={args.encoder_chunk_size}",
-                file=sys.stderr,
-            )
-            if args.input_jsonl is None:
-                _rank_sample(reranker, args, out)
-                return 0
-            return _rerank_file(reranker, args, out)
+    configure_vllm_environment(in_process=True)
+    try:
+        error = _run(args)
     except (KaLMError, OSError) as exc:
         print(f"kalm-vllm-rerank: error: {flag_error(exc)}", file=sys.stderr)
         return 2
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if error is not None:
+        print(f"kalm-vllm-rerank: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> KaLMInputError | None:
+    """Open the input and the output, then rank; the first malformed row."""
+    source = _open_input(args.input_jsonl)
+    keep_open = source is None or args.input_jsonl == "-"
+    with (
+        contextlib.nullcontext() if keep_open else contextlib.closing(source),
+        open_output(args.output_jsonl, "--output-jsonl") as out,
+    ):
+        _, model = resolve_cli_model(args.model)
+        from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
+
+        with KaLMVLLMReranker(model, **reranker_kwargs(args)) as reranker:
+            print(
+                f"KaLM reranker on vLLM: model={model} dtype={reranker.dtype} "
+                f"{reranker.sizes.describe()} "
+                f"encoder_chunk_size={args.encoder_chunk_size}",
+                file=sys.stderr,
+            )
+            if source is None:
+                _rank_sample(reranker, args, out)
+                return None
+            return _rerank_file(reranker, args, source, out)
 
 
 if __name__ == "__main__":

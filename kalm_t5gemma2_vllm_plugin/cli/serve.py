@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from kalm_t5gemma2_vllm_plugin.cli.common import (
     add_engine_arguments,
     configure_vllm_environment,
+    engine_options,
     flag_error,
     resolve_cli_model,
 )
 from kalm_t5gemma2_vllm_plugin.constants import ENV_API_KEY
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
 from kalm_t5gemma2_vllm_plugin.validation import check_positive_int
-from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 
 __all__ = ["main"]
 
@@ -94,7 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import uvicorn
 
-    from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions
     from kalm_t5gemma2_vllm_plugin.server import create_app
     from kalm_t5gemma2_vllm_plugin.server.service import ServiceConfig
 
@@ -103,24 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KaLMInputError("--decoder-only needs --passage-store.")
         for name in ("max_documents", "max_pairs", "max_concurrent_requests"):
             check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
-        settings = EngineSettings(
-            chunk_size=args.encoder_chunk_size,
-            document_max_length=args.document_max_length,
-            query_max_length=args.query_max_length,
-            decoder_only=args.decoder_only,
-        )
         model, model_path = resolve_cli_model(args.model)
         config = ServiceConfig(
-            engine=EngineOptions(
-                model=model,
-                model_path=model_path,
-                settings=settings,
-                max_model_len=args.max_model_len,
-                batch_size=args.batch_size,
-                dtype=args.dtype,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                instruction=args.instruction,
-                passage_store=args.passage_store,
+            engine=engine_options(
+                args, model, model_path, passage_store=args.passage_store
             ),
             served_model_names=args.served_model_name or [],
             api_key=args.api_key or None,
@@ -146,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     print(
         f"=== KaLM vLLM Online Reranker ===\nmodel: {config.model}\n"
-        f"query_max_length={settings.query_max_length} "
-        f"document_max_length={settings.document_max_length} "
-        f"encoder_chunk_size={settings.chunk_size} "
-        f"max_model_len={config.engine.max_model_len}"
+        f"query_max_length={config.engine.settings.query_max_length} "
+        f"document_max_length={config.engine.settings.document_max_length} "
+        f"encoder_chunk_size={config.engine.settings.chunk_size} "
+        f"max_model_len={config.engine.max_model_len or 'derived'}"
         f"\nauth: {'on' if config.api_key else 'off'}\n"
         f"listen: http://{args.host}:{args.port}",
         file=sys.stderr,

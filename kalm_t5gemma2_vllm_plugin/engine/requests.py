@@ -26,7 +26,11 @@ from kalm_t5gemma2_vllm_plugin.prompt import (
     format_decoder_prompt,
 )
 from kalm_t5gemma2_vllm_plugin.store.format import PassageRecord, PassageStore
-from kalm_t5gemma2_vllm_plugin.vllm_model.config import STATES_FIELD, EngineSettings
+from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
+    KEY_FIELD,
+    STATES_FIELD,
+    EngineSettings,
+)
 
 __all__ = ["DocumentId", "EnginePrompt", "PromptBuilder"]
 
@@ -68,15 +72,19 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.system_instruction = system_instruction
 
-    def check_instruction(self, instruction: str, field: str = "instruction") -> None:
-        """Refuse an instruction with which a full-length query and document
-        would not fit ``max_model_len``."""
-        template = len(
+    def prompt_tokens(self, instruction: str) -> int:
+        """Decoder prompt tokens with this instruction and an empty query."""
+        return len(
             self.tokenizer(
                 format_decoder_prompt("", instruction, self.system_instruction),
                 add_special_tokens=False,
             )["input_ids"]
         )
+
+    def check_instruction(self, instruction: str, field: str = "instruction") -> None:
+        """Refuse an instruction with which a full-length query and document
+        would not fit ``max_model_len``."""
+        template = self.prompt_tokens(instruction)
         settings = self.settings
         needed = (
             template
@@ -126,7 +134,7 @@ class PromptBuilder:
                 )
             if isinstance(document, DocumentId):
                 record, states = stored[document]
-                item: Any = {STATES_FIELD: states}
+                item: Any = {STATES_FIELD: states, KEY_FIELD: record.passage_key}
                 truncated, tokens = record.truncated, record.num_tokens
             elif self.settings.decoder_only:
                 raise KaLMInputError(

@@ -20,11 +20,10 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_INSTRUCTION,
-    DEFAULT_MAX_MODEL_LEN,
     DEFAULT_SYSTEM_INSTRUCTION,
     PASSAGE_MODALITY,
 )
-from kalm_t5gemma2_vllm_plugin.counters import EngineCounters
+from kalm_t5gemma2_vllm_plugin.counters import LEVELS, EngineCounters
 from kalm_t5gemma2_vllm_plugin.engine.requests import EnginePrompt, PromptBuilder
 from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     check_vllm_runtime,
@@ -32,6 +31,7 @@ from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     platform_engine_kwargs,
 )
 from kalm_t5gemma2_vllm_plugin.errors import KaLMEngineError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.prompt import check_yes_no_tokens
 from kalm_t5gemma2_vllm_plugin.store.format import PassageStore, StoreIdentity
 from kalm_t5gemma2_vllm_plugin.validation import (
@@ -41,7 +41,16 @@ from kalm_t5gemma2_vllm_plugin.validation import (
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 
-__all__ = ["EngineOptions", "EngineSession", "default_dtype", "engine_kwargs"]
+__all__ = [
+    "BATCHED_TOKENS_CEILING",
+    "INSTRUCTION_SLACK_TOKENS",
+    "EngineOptions",
+    "EngineSession",
+    "EngineSizes",
+    "default_dtype",
+    "engine_kwargs",
+    "engine_sizes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +72,11 @@ class EngineOptions:
     settings: EngineSettings = field(default_factory=EngineSettings)
     #: ``None``: bf16 on CUDA, float32 on CPU.
     dtype: str | None = None
-    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    #: ``None``: derived by ``engine_sizes`` (a full-length request fits).
+    max_model_len: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: vLLM's token budget per step; ``None``: derived by ``engine_sizes``.
+    max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float | None = None
     instruction: str = DEFAULT_INSTRUCTION
     system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION
@@ -78,8 +90,17 @@ class EngineOptions:
             object.__setattr__(self, name, value)
 
         normal("dtype", parse_dtype(self.dtype, "dtype"))
-        normal("max_model_len", check_positive_int(self.max_model_len, "max_model_len"))
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            if getattr(self, name) is not None:
+                normal(name, check_positive_int(getattr(self, name), name))
         normal("batch_size", check_positive_int(self.batch_size, "batch_size"))
+        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):
+            if name in self.engine_args:
+                raise KaLMInputError(
+                    f"Give {name} as the engine option, not as a vLLM engine "
+                    f"argument: the plugin sizes the engine in one place.",
+                    field=name,
+                )
         utilization = self.gpu_memory_utilization
         if utilization is not None and (
             isinstance(utilization, bool)
@@ -109,7 +130,80 @@ class EngineOptions:
             )
 
 
-def engine_kwargs(options: EngineOptions, settings: EngineSettings) -> dict[str, Any]:
+#: Positions beyond the default instruction's prompt that a derived
+#: ``max_model_len`` keeps for longer per-request instructions.
+INSTRUCTION_SLACK_TOKENS = 256
+#: Most tokens (passage rows + decoder prompts) per engine step by default, per
+#: device: 32 full-length requests of the default settings (~830 each) fit.
+BATCHED_TOKENS_CEILING = {"cpu": 32768, "cuda": 65536}
+
+
+@dataclass(frozen=True)
+class EngineSizes:
+    """The engine's sizes, owned by ``engine_sizes`` alone."""
+
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    #: A full-length query and document with the default instruction.
+    longest_request: int
+
+    def describe(self) -> str:
+        return (
+            f"max_model_len={self.max_model_len} "
+            f"max_num_batched_tokens={self.max_num_batched_tokens} "
+            f"max_num_seqs={self.max_num_seqs} "
+            f"(longest request {self.longest_request})"
+        )
+
+
+def engine_sizes(
+    settings: EngineSettings,
+    *,
+    prompt_tokens: int,
+    batch_size: int,
+    max_model_len: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    device: str = "cpu",
+) -> EngineSizes:
+    """Sizes with which no admissible request stalls and a step is not throttled.
+
+    ``max_model_len`` covers a full-length request (pooled rows of a full
+    document + full query + the prompt, plus room for longer instructions);
+    ``max_num_batched_tokens`` is at least that (chunked prefill is off for this
+    model, so a request larger than the budget would wait forever) and at least
+    ``batch_size`` full-length requests, up to the device's ceiling. Explicit
+    values too small for an admissible request are refused, naming both.
+    """
+    rows = pooled_length(settings.document_max_length, settings.pool_factor)
+    longest = rows + settings.query_max_length + prompt_tokens
+    if max_model_len is None:
+        max_model_len = longest + INSTRUCTION_SLACK_TOKENS
+    elif max_model_len < longest:
+        raise KaLMInputError(
+            f"max_model_len={max_model_len} is too small: a full-length query and "
+            f"document need {longest} positions ({prompt_tokens} prompt + "
+            f"{settings.query_max_length} query + {rows} pooled document rows); "
+            f"raise max_model_len or lower query_max_length/document_max_length.",
+            field="max_model_len",
+        )
+    if max_num_batched_tokens is None:
+        ceiling = BATCHED_TOKENS_CEILING.get(device, BATCHED_TOKENS_CEILING["cpu"])
+        max_num_batched_tokens = max(max_model_len, min(batch_size * longest, ceiling))
+    elif max_num_batched_tokens < max_model_len:
+        raise KaLMInputError(
+            f"max_num_batched_tokens={max_num_batched_tokens} is smaller than "
+            f"max_model_len={max_model_len}: a request that long would never be "
+            f"scheduled (this model runs without chunked prefill). Raise "
+            f"max_num_batched_tokens or lower max_model_len.",
+            field="max_num_batched_tokens",
+        )
+    return EngineSizes(max_model_len, max_num_batched_tokens, batch_size, longest)
+
+
+def engine_kwargs(
+    options: EngineOptions, settings: EngineSettings, sizes: EngineSizes
+) -> dict[str, Any]:
     """The vLLM engine arguments for a KaLM checkpoint (offline and server)."""
     kwargs: dict[str, Any] = dict(
         model=options.model_path,
@@ -117,8 +211,9 @@ def engine_kwargs(options: EngineOptions, settings: EngineSettings) -> dict[str,
         # Our model is not torch.compile'd and has no CUDA-graph-able decoder step.
         enforce_eager=True,
         dtype=options.dtype or default_dtype(),
-        max_model_len=options.max_model_len,
-        max_num_seqs=options.batch_size,
+        max_model_len=sizes.max_model_len,
+        max_num_batched_tokens=sizes.max_num_batched_tokens,
+        max_num_seqs=sizes.max_num_seqs,
         hf_overrides=settings.hf_overrides(),
         limit_mm_per_prompt={PASSAGE_MODALITY: 1},
     )
@@ -158,9 +253,21 @@ class EngineSession:
         self.requests = PromptBuilder(
             self.tokenizer,
             self.settings,
-            max_model_len=options.max_model_len,
+            max_model_len=0,  # set below, once the sizes are known
             system_instruction=options.system_instruction,
         )
+        import torch
+
+        self.sizes = engine_sizes(
+            self.settings,
+            prompt_tokens=self.requests.prompt_tokens(DEFAULT_INSTRUCTION),
+            batch_size=options.batch_size,
+            max_model_len=options.max_model_len,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+        self.requests.max_model_len = self.sizes.max_model_len
+        logger.info("KaLM engine sizes: %s", self.sizes.describe())
         self.requests.check_instruction(options.instruction)
         check_vllm_runtime()
         try:
@@ -180,6 +287,7 @@ class EngineSession:
                 dataclasses.replace(
                     self.settings, counters_path=str(self.counters.path)
                 ),
+                self.sizes,
             )
         except BaseException:
             self._release()
@@ -232,7 +340,10 @@ class EngineSession:
         if self.counters is None:  # closed
             return {}
         now = self.counters.snapshot()
-        return {k: now[k] - self._counters_at_start.get(k, 0) for k in now}
+        return {
+            k: now[k] if k in LEVELS else now[k] - self._counters_at_start.get(k, 0)
+            for k in now
+        }
 
     def check_open(self) -> Any:
         if self.engine is None:

@@ -80,7 +80,8 @@ def platform_engine_kwargs(
 
     0.32 CPU: an explicit KV-cache size skips the start-up memory check sized
     for a KV cache this model does not have, unless ``VLLM_CPU_KVCACHE_SPACE``
-    is set; an in-process engine keeps the process's torch threads. CUDA
+    is set; an in-process engine keeps the process's torch threads, a separate
+    engine process gets every core (``VLLM_CPU_NUM_OF_RESERVED_CPU``). CUDA
     0.33-0.34: ``gpu_memory_utilization`` only gates the start-up free-memory
     check for a model without KV cache; ours is always passed (0.34's default
     became ``None``).
@@ -96,6 +97,13 @@ def platform_engine_kwargs(
         kwargs["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
         keep_torch_threads()
+    else:
+        # 0.32 CPU, engine core in its own process: vLLM binds the model
+        # worker's OpenMP threads and reserves one core per worker for the
+        # scheduler process, i.e. half of a 2-core machine, which made the HTTP
+        # service half as fast as the in-process offline path. The scheduler
+        # and the front end are idle while the model computes: reserve none.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return kwargs
 
 

@@ -14,9 +14,18 @@ from kalm_t5gemma2_vllm_plugin.scores import (
     rank_results,
     score_from_margin,
 )
-from kalm_t5gemma2_vllm_plugin.validation import check_documents, check_str, check_top_k
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_documents,
+    check_pairs,
+    check_positive_int,
+    check_str,
+    check_top_k,
+)
 
-__all__ = ["MarginReranker"]
+__all__ = ["MarginReranker", "Pairs"]
+
+#: Validated ``(query, document)`` pairs.
+Pairs = list[tuple[str, str]]
 
 
 class MarginReranker(ABC):
@@ -27,7 +36,6 @@ class MarginReranker(ABC):
     ordering and record shapes are the same everywhere.
     """
 
-    @abstractmethod
     def margins(
         self,
         pairs: Sequence[Sequence[str]],
@@ -40,6 +48,18 @@ class MarginReranker(ABC):
         ``batch_size``: most pairs computed together in this call (``None``:
         the reranker's own default).
         """
+        checked = check_pairs(pairs)
+        if instruction is not None:
+            instruction = check_str(instruction, "instruction")
+        if batch_size is not None:
+            batch_size = check_positive_int(batch_size, "batch_size")
+        return self._margins(checked, instruction, batch_size)
+
+    @abstractmethod
+    def _margins(
+        self, pairs: Pairs, instruction: str | None, batch_size: int | None
+    ) -> list[float]:
+        """Margins of checked pairs; ``None``: the reranker's default."""
 
     @overload
     def predict(

@@ -11,7 +11,6 @@ this package is tested against it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,9 +35,8 @@ from kalm_t5gemma2_vllm_plugin.prompt import (
     decoder_prompt_ids,
     encode_document,
 )
-from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker
+from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker, Pairs
 from kalm_t5gemma2_vllm_plugin.validation import (
-    check_pairs,
     check_positive_int,
     check_str,
     parse_chunk_size,
@@ -118,35 +116,17 @@ class KaLMReranker(MarginReranker):
         model = T5Gemma2ForConditionalGeneration.from_pretrained(path, **model_kwargs)
         self.model = model.to(self.device).eval()
 
-    def margins(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = None,
-        batch_size: int | None = None,
+    def _margins(
+        self, pairs: Pairs, instruction: str | None, batch_size: int | None
     ) -> list[float]:
-        """``yes_logit - no_logit`` in float32 for each pair, in input order.
-
-        ``batch_size`` overrides the instance's for this call (also accepted by
-        ``predict`` and ``rank``).
-        """
-        checked = check_pairs(pairs)
-        instruction = (
-            self.instruction
-            if instruction is None
-            else check_str(instruction, "instruction")
-        )
-        batch_size = (
-            self.batch_size
-            if batch_size is None
-            else check_positive_int(batch_size, "batch_size")
-        )
+        instruction = self.instruction if instruction is None else instruction
+        batch_size = batch_size or self.batch_size
         # Batch similar lengths together (as the original does), restore order after.
-        order = sorted(range(len(checked)), key=lambda i: -sum(map(len, checked[i])))
-        margins = [0.0] * len(checked)
+        order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+        margins = [0.0] * len(pairs)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            values = self._batch_margins([checked[i] for i in batch], instruction)
+            values = self._batch_margins([pairs[i] for i in batch], instruction)
             for i, value in zip(batch, values, strict=True):
                 margins[i] = value
         return margins

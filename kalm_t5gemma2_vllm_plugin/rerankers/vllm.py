@@ -14,7 +14,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_DOCUMENT_MAX_LENGTH,
     DEFAULT_ENCODER_CHUNK_SIZE,
     DEFAULT_INSTRUCTION,
-    DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_PASSAGE_CACHE_MB,
     DEFAULT_QUERY_MAX_LENGTH,
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
@@ -25,13 +25,11 @@ from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     margin_from_classify,
     shutdown_llm,
 )
-from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker
+from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker, Pairs
 from kalm_t5gemma2_vllm_plugin.scores import RankResult
 from kalm_t5gemma2_vllm_plugin.store.format import PassageStore
 from kalm_t5gemma2_vllm_plugin.validation import (
     check_documents,
-    check_pairs,
-    check_positive_int,
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 
@@ -53,8 +51,13 @@ class KaLMVLLMReranker(MarginReranker):
         encoder_chunk_size: Matryoshka pooling factor: 1, 2, 4, 8, 16 or 32
             (``None`` or ``"none"``: no pooling, the same as 1).
         dtype: engine dtype; bfloat16 on CUDA, float32 on CPU by default.
-        max_model_len: longest request (pooled passage + decoder prompt).
+        max_model_len: longest request (pooled passage + decoder prompt);
+            default: a full-length query and document, plus room for a longer
+            instruction (``engine_sizes``).
         batch_size: most requests vLLM runs in one step (``max_num_seqs``).
+        max_num_batched_tokens: vLLM's token budget per step; default: at
+            least ``max_model_len`` and ``batch_size`` full-length requests, up
+            to a ceiling per device. A value below ``max_model_len`` is refused.
         gpu_memory_utilization: vLLM's memory fraction on GPU.
         instruction: default task instruction.
         system_instruction: the fixed system sentence of the prompt.
@@ -62,6 +65,9 @@ class KaLMVLLMReranker(MarginReranker):
             model and settings; documents may then be given by id.
         decoder_only: load no encoder at all (needs ``passage_store``): every
             document must come from the store, and no encoding happens online.
+        passage_cache_mb: size of the plugin's passage cache in the engine
+            (pooled states by passage, least recently used out); ``0`` turns
+            it off. The default holds the candidates of many top-100 queries.
         **engine_args: passed to ``vllm.LLM``.
 
     Example:
@@ -79,13 +85,15 @@ class KaLMVLLMReranker(MarginReranker):
         document_max_length: int = DEFAULT_DOCUMENT_MAX_LENGTH,
         encoder_chunk_size: int | str | None = DEFAULT_ENCODER_CHUNK_SIZE,
         dtype: str | None = None,
-        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+        max_model_len: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION,
         passage_store: str | os.PathLike[str] | None = None,
         decoder_only: bool = False,
+        passage_cache_mb: float = DEFAULT_PASSAGE_CACHE_MB,
         **engine_args: Any,
     ) -> None:
         self._session: EngineSession | None = None
@@ -94,6 +102,7 @@ class KaLMVLLMReranker(MarginReranker):
             document_max_length=document_max_length,
             query_max_length=query_max_length,
             decoder_only=decoder_only,
+            passage_cache_mb=passage_cache_mb,
         )
         options = EngineOptions(
             model=str(model),
@@ -102,6 +111,7 @@ class KaLMVLLMReranker(MarginReranker):
             dtype=dtype,
             max_model_len=max_model_len,
             batch_size=batch_size,
+            max_num_batched_tokens=max_num_batched_tokens,
             gpu_memory_utilization=gpu_memory_utilization,
             instruction=instruction,
             system_instruction=system_instruction,
@@ -116,7 +126,9 @@ class KaLMVLLMReranker(MarginReranker):
         self._session = session
         self.options, self.settings = options, session.settings
         self.model, self.model_path = options.model, options.model_path
-        self.max_model_len, self.batch_size = options.max_model_len, options.batch_size
+        self.sizes = session.sizes
+        self.max_model_len = self.sizes.max_model_len
+        self.batch_size = options.batch_size
         self.instruction = options.instruction
         self.tokenizer = session.tokenizer
         self.dtype = session.dtype
@@ -172,28 +184,20 @@ class KaLMVLLMReranker(MarginReranker):
             batch_size=batch_size,
         )
 
-    def margins(
-        self,
-        pairs: Sequence[Sequence[str]],
-        *,
-        instruction: str | None = None,
-        batch_size: int | None = None,
+    def _margins(
+        self, pairs: Pairs, instruction: str | None, batch_size: int | None
     ) -> list[float]:
-        """Margins from vLLM: ``batch_size`` bounds the pairs submitted per
-        ``LLM.classify`` call (default: all at once; vLLM's scheduler batches
-        within a call either way)."""
-        checked = check_pairs(pairs)
+        # batch_size bounds the pairs submitted per LLM.classify call (default:
+        # all at once; vLLM's scheduler batches within a call either way).
         session = self._open()
-        per_call = len(checked) or 1
-        if batch_size is not None:
-            per_call = check_positive_int(batch_size, "batch_size")
+        per_call = batch_size or len(pairs) or 1
         instruction = session.instruction(instruction)
         from vllm import PoolingParams
 
         params = PoolingParams(use_activation=False)
         margins: list[float] = []
-        for start in range(0, len(checked), per_call):
-            built = session.build(checked[start : start + per_call], instruction)
+        for start in range(0, len(pairs), per_call):
+            built = session.build(pairs[start : start + per_call], instruction)
             outputs = session.engine.classify(
                 [p.prompt for p in built], pooling_params=params, use_tqdm=False
             )

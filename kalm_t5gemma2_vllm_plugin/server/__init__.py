@@ -42,8 +42,7 @@ def create_app(config: ServiceConfig, service: RerankService | None = None) -> F
     """The FastAPI app; the engine starts in the background once the app starts.
 
     Example:
-        >>> config = ServiceConfig(model="m", model_path="/ckpt",
-        ...     settings=EngineSettings(), max_model_len=2048, batch_size=32)
+        >>> config = ServiceConfig(EngineOptions(model="m", model_path="/ckpt"))
         >>> app = create_app(config)
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """

@@ -91,14 +91,47 @@ def error_response(error: APIError) -> JSONResponse:
 
 # Pydantic names the branch of a union in the location; clients need the field.
 _UNION_BRANCHES = {"str", "DocumentObject"}
+# What a union branch reports when the value is of another shape than it takes.
+_BRANCH_MISMATCH = {
+    "string_type",
+    "model_type",
+    "model_attributes_type",
+    "dict_type",
+    "missing",
+}
+
+
+def _location(problem: Any) -> tuple[str | None, str | None]:
+    """``(field, union)``: the field as clients name it (``documents.1``,
+    ``pairs.0.query``), and the union the problem sits in, if any."""
+    raw = [str(p) for p in problem.get("loc", ()) if p != "body"]
+    loc = [p for p in raw if p not in _UNION_BRANCHES]
+    branch = next((i for i, p in enumerate(raw) if p in _UNION_BRANCHES), None)
+    union = ".".join(raw[:branch]) if branch is not None else None
+    return ".".join(loc) or None, union
+
+
+def _reported(problems: list[Any]) -> Any:
+    """The problem to report: the first, unless it only says that a union's
+    value is not of one branch's type while another branch found the real fault
+    (``{"text": "\\ud800"}`` is no string, and its text is not valid Unicode)."""
+    first = problems[0]
+    _, union = _location(first)
+    if union is None or first.get("type") not in _BRANCH_MISMATCH:
+        return first
+    for problem in problems:
+        if _location(problem)[1] == union and problem.get("type") not in (
+            _BRANCH_MISMATCH
+        ):
+            return problem
+    return first
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0]
-    raw_loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    loc = [p for p in raw_loc if p not in _UNION_BRANCHES]
-    field = ".".join(loc) or None
-    if len(loc) != len(raw_loc):  # a document that is neither a string nor {text}
+    problems = list(exc.errors())
+    first = _reported(problems)
+    field, union = _location(first)
+    if union is not None and first.get("type") in _BRANCH_MISMATCH:
         return APIError(
             422,
             "invalid_request",
@@ -111,13 +144,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             "invalid_json",
             f"The request body is not valid JSON: {first.get('msg')}.",
         )
-    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+    if not field and first.get("type") in ("model_attributes_type", "dict_type"):
         return APIError(
             400, "invalid_request", "The request body must be a JSON object."
         )
     message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
+    # Both branches of a union report the same value: count it once.
+    others = {u or f for f, u in map(_location, problems)}
+    if len(others) > 1:
+        message += f" (and {len(others) - 1} more problem(s))"
     return APIError(422, "invalid_request", message, field=field)
 
 

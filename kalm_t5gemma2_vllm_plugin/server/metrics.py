@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["ServiceMetrics"]
@@ -35,7 +35,7 @@ class _EngineCollector(Collector):
     def __init__(self, read: Callable[[], dict[str, int]]) -> None:
         self._read = read
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self._read()
         if not stats:
             return
@@ -59,7 +59,8 @@ class _EngineCollector(Collector):
             (
                 "kalm_passages_reused",
                 reused,
-                "Scored requests whose passage came from vLLM's encoder cache.",
+                "Scored requests whose passage came from a cache (vLLM's encoder "
+                "cache or the plugin's passage cache).",
             ),
             (
                 "kalm_passages_from_store",
@@ -71,8 +72,28 @@ class _EngineCollector(Collector):
                 stats["requests_scored"],
                 "Requests run through the decoder.",
             ),
+            (
+                "kalm_passage_cache_hits",
+                stats["passage_cache_hits"],
+                "Passages the plugin's passage cache served (no encoder work).",
+            ),
+            (
+                "kalm_passage_cache_misses",
+                stats["passage_cache_misses"],
+                "Passage cache lookups that found nothing (then encoded).",
+            ),
+            (
+                "kalm_passage_cache_evictions",
+                stats["passage_cache_evictions"],
+                "Passages dropped from the passage cache to stay within its size.",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "kalm_passage_cache_bytes",
+            "Bytes of pooled states the plugin's passage cache holds now.",
+            value=stats["passage_cache_bytes"],
+        )
 
 
 class ServiceMetrics:

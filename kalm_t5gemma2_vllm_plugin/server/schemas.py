@@ -10,14 +10,25 @@ Three wire shapes share one scoring core:
 * ``/v1/rerank``: Jina's shape; ``/v2/rerank``: Cohere v2's shape.
 
 Unknown request fields are ignored (clients add their own), types are strict
-(no silent ``"3"`` -> ``3``).
+(no silent ``"3"`` -> ``3``), and every string the service reads is valid
+Unicode (:data:`Text`: no lone surrogate reaches a tokenizer or a response).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from kalm_t5gemma2_vllm_plugin.validation import json_unicode_problem, unicode_problem
 
 __all__ = [
     "CohereRerankRequest",
@@ -30,7 +41,26 @@ __all__ = [
     "ScorePair",
     "ScoreRequest",
     "ScoreResponse",
+    "Text",
 ]
+
+
+def _valid_text(value: str) -> str:
+    if (problem := unicode_problem(value)) is not None:
+        raise PydanticCustomError("invalid_unicode", problem)
+    return value
+
+
+def _valid_json_text(value: Any) -> Any:
+    if (problem := json_unicode_problem(value)) is not None:
+        raise PydanticCustomError("invalid_unicode", problem)
+    return value
+
+
+#: Every string field of every request: a str holding valid Unicode (JSON's
+#: ``"\ud800"`` and CESU-8 bytes decode to lone surrogates, which no tokenizer
+#: or UTF-8 encoder accepts), so a bad one is a 422 naming the field.
+Text = Annotated[StrictStr, AfterValidator(_valid_text)]
 
 
 class _Request(BaseModel):
@@ -45,30 +75,37 @@ class DocumentObject(BaseModel):
     """A document given as an object; fields besides ``text`` are ignored."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    text: StrictStr = Field(description="The document text.")
+    text: Text = Field(description="The document text.")
+
+
+def _valid_document(document: str | DocumentObject) -> str | DocumentObject:
+    # A string is checked after the union, so that pydantic still names the
+    # branches "str" and "DocumentObject" (server/errors.py reads them).
+    return _valid_text(document) if isinstance(document, str) else document
 
 
 Document = Annotated[
     StrictStr | DocumentObject,
+    AfterValidator(_valid_document),
     Field(description='A document: a string, or an object {"text": ...}.'),
 ]
 
 
 class _RerankFields(_Request):
-    model: StrictStr | None = Field(
+    model: Text | None = Field(
         None, description="Checked against the served model names when given."
     )
-    query: StrictStr = Field(description="The search query.")
+    query: Text = Field(description="The search query.")
     documents: list[Document] = Field(
         default_factory=list,
         description="Documents to rank (strings or {text} objects).",
     )
-    document_ids: list[StrictStr] = Field(
+    document_ids: list[Text] = Field(
         default_factory=list,
         description="Extension: ids of documents in the server's passage store "
         "(--passage-store); result indices count documents first, then these.",
     )
-    instruction: StrictStr | None = Field(
+    instruction: Text | None = Field(
         None, description="Task instruction for this request (default: the server's)."
     )
     max_tokens_per_doc: int | None = Field(
@@ -115,12 +152,14 @@ class CohereRerankRequest(_RerankFields):
 
 
 class ScorePair(_Request):
-    query: StrictStr = Field(description="The search query.")
-    document: StrictStr | None = Field(None, description="The document text.")
-    document_id: StrictStr | None = Field(
+    query: Text = Field(description="The search query.")
+    document: Text | None = Field(None, description="The document text.")
+    document_id: Text | None = Field(
         None, description="Or: the id of a document in the passage store."
     )
-    id: Any = Field(None, description="Echoed back in the result when given.")
+    id: Annotated[Any, AfterValidator(_valid_json_text)] = Field(
+        None, description="Echoed back in the result when given."
+    )
 
     @model_validator(mode="after")
     def _one_document(self) -> ScorePair:
@@ -132,9 +171,9 @@ class ScorePair(_Request):
 class ScoreRequest(_Request):
     """``POST /score``: pairs scored in input order."""
 
-    model: StrictStr | None = Field(None, description="Checked when given.")
+    model: Text | None = Field(None, description="Checked when given.")
     pairs: list[ScorePair] = Field(min_length=1, description="(query, document) pairs.")
-    instruction: StrictStr | None = Field(None, description="Task instruction.")
+    instruction: Text | None = Field(None, description="Task instruction.")
     return_margin: bool = Field(False, description="Also return the margin.")
 
 

@@ -126,13 +126,23 @@ class RerankService:
             "query_max_length": settings.query_max_length,
             "document_max_length": settings.document_max_length,
             "encoder_chunk_size": settings.chunk_size,
-            "max_model_len": options.max_model_len,
+            "max_model_len": (
+                options.max_model_len
+                if self.session is None
+                else self.session.sizes.max_model_len
+            ),
+            "max_num_batched_tokens": (
+                options.max_num_batched_tokens
+                if self.session is None
+                else self.session.sizes.max_num_batched_tokens
+            ),
             "passage_store": options.passage_store,
             "passages_in_store": None if store is None else len(store),
             "decoder_only": settings.decoder_only,
             "batch_size": options.batch_size,
             "gpu_memory_utilization": options.gpu_memory_utilization,
             "supported_encoder_chunk_sizes": list(SUPPORTED_ENCODER_CHUNK_SIZES),
+            "passage_cache": self._passage_cache(),
             "requests_in_flight": self._in_flight,
             "limits": {
                 "max_documents": config.max_documents,
@@ -140,6 +150,16 @@ class RerankService:
                 "max_body_bytes": config.max_body_bytes,
                 "max_concurrent_requests": config.max_concurrent_requests,
             },
+        }
+
+    def _passage_cache(self) -> dict[str, Any]:
+        stats = self.engine_counters()
+        return {
+            "capacity_mb": self.config.engine.settings.passage_cache_mb,
+            "bytes": stats.get("passage_cache_bytes", 0),
+            "hits": stats.get("passage_cache_hits", 0),
+            "misses": stats.get("passage_cache_misses", 0),
+            "evictions": stats.get("passage_cache_evictions", 0),
         }
 
     def engine_counters(self) -> dict[str, int]:

@@ -10,13 +10,13 @@ store and a re-run completes it.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.passage_key import passage_key
 from kalm_t5gemma2_vllm_plugin.store.format import (
     PassageRecord,
     StoreIdentity,
@@ -26,6 +26,8 @@ from kalm_t5gemma2_vllm_plugin.validation import (
     check_positive_int,
     parse_chunk_size,
     parse_dtype,
+    read_jsonl,
+    unicode_problem,
 )
 
 __all__ = ["PassageEncoder", "encode_corpus"]
@@ -98,7 +100,8 @@ class PassageEncoder:
             )
 
     def encode(self, texts: Sequence[str]) -> list[tuple[Any, int, bool]]:
-        """``(pooled states, encoder tokens, truncated)`` per text, one batch."""
+        """``(pooled states, encoder tokens, truncated, passage key)`` per text,
+        one batch."""
         import torch
 
         from kalm_t5gemma2_vllm_plugin.prompt import encode_document
@@ -113,32 +116,46 @@ class PassageEncoder:
             self.chunk_size,
         )
         return [
-            (s.to("cpu", copy=True), len(e.ids), e.truncated)
+            (
+                s.to("cpu", copy=True),
+                len(e.ids),
+                e.truncated,
+                passage_key(e.ids, self.chunk_size),
+            )
             for s, e in zip(states, encoded, strict=True)
         ]
 
 
-def _read_input(path: Path) -> Iterator[tuple[int, str, str]]:
-    """``(line, id, text)`` per row; a malformed row is an error naming its line."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
+def _read_input(
+    path: Path, invalid: list[KaLMInputError] | None = None
+) -> Iterator[tuple[int, str, str]]:
+    """``(line, id, text)`` per row. A malformed row is an error naming its
+    line: raised, or appended to ``invalid`` and left out when that is given."""
+    with open(path, "rb") as f:
+        for line_number, row in read_jsonl(f, str(path)):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KaLMInputError(f"{where}: invalid JSON ({exc.msg})") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("id"), str)
-                or not isinstance(row.get("text"), str)
-            ):
-                raise KaLMInputError(
-                    f"{where}: a row must be an object with string fields 'id' and "
-                    f"'text'"
-                )
-            yield line_number, row["id"], row["text"]
+                yield line_number, *_row(row, f"{path}:{line_number}")
+            except KaLMInputError as exc:
+                if invalid is None:
+                    raise
+                invalid.append(exc)
+
+
+def _row(row: Any, where: str) -> tuple[str, str]:
+    if isinstance(row, KaLMInputError):
+        raise row
+    if (
+        not isinstance(row, dict)
+        or not isinstance(row.get("id"), str)
+        or not isinstance(row.get("text"), str)
+    ):
+        raise KaLMInputError(
+            f"{where}: a row must be an object with string fields 'id' and 'text'"
+        )
+    for key in ("id", "text"):
+        if (problem := unicode_problem(row[key])) is not None:
+            raise KaLMInputError(f"{where}: field {key!r} {problem}", field=key)
+    return row["id"], row["text"]
 
 
 def encode_corpus(
@@ -149,8 +166,14 @@ def encode_corpus(
     identity: StoreIdentity,
     batch_size: int,
     progress: bool = False,
+    invalid: list[KaLMInputError] | None = None,
 ) -> dict[str, int]:
-    """Encode what the store lacks; returns counts (encoded, skipped, total)."""
+    """Encode what the store lacks; returns counts (encoded, skipped, total).
+
+    The whole input is read before anything is encoded, so a malformed row
+    stops the run before the store is touched, unless ``invalid`` is given:
+    then malformed rows are collected there and left out.
+    """
     from tqdm import tqdm
 
     from kalm_t5gemma2_vllm_plugin.store.format import PassageStoreWriter
@@ -158,7 +181,7 @@ def encode_corpus(
     # Pass 1: ids and text hashes only (the texts themselves stay on disk).
     first_line: dict[str, int] = {}
     hashes: dict[str, str] = {}
-    for line_number, doc_id, text in _read_input(input_path):
+    for line_number, doc_id, text in _read_input(input_path, invalid):
         if doc_id in first_line:
             raise KaLMInputError(
                 f"{input_path}:{line_number}: duplicate id {doc_id!r} (first on line "
@@ -180,10 +203,12 @@ def encode_corpus(
             results = encoder.encode([text for _, text in batch])
             writer.write(
                 (
-                    PassageRecord(doc_id, hashes[doc_id], len(states), tokens, cut),
+                    PassageRecord(
+                        doc_id, hashes[doc_id], len(states), tokens, cut, key
+                    ),
                     states,
                 )
-                for (doc_id, _), (states, tokens, cut) in zip(
+                for (doc_id, _), (states, tokens, cut, key) in zip(
                     batch, results, strict=True
                 )
             )
@@ -191,7 +216,9 @@ def encode_corpus(
             batch.clear()
 
         with contextlib.closing(bar):
-            for _, doc_id, text in _read_input(input_path):
+            # The same rows as pass 1: those it reported are left out again.
+            again = None if invalid is None else []
+            for _, doc_id, text in _read_input(input_path, again):
                 if doc_id in todo:
                     batch.append((doc_id, text))
                     if len(batch) >= batch_size:

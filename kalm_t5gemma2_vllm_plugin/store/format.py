@@ -51,7 +51,8 @@ __all__ = [
     "text_sha256",
 ]
 
-FORMAT_VERSION = 1
+#: 2: rows carry the passage key (shared with the engine's caches).
+FORMAT_VERSION = 2
 _INDEX, _LOCK, _SHARDS = "index.sqlite", "writer.lock", "shards"
 _CREATING = _INDEX + ".creating"
 _SCHEMA = """
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS passages (
     tensor TEXT NOT NULL,
     rows INTEGER NOT NULL,
     num_tokens INTEGER NOT NULL,
-    truncated INTEGER NOT NULL
+    truncated INTEGER NOT NULL,
+    passage_key TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS passages_by_shard ON passages (shard);
 """
@@ -112,6 +114,8 @@ class PassageRecord:
     rows: int
     num_tokens: int
     truncated: bool
+    #: ``passage_key.passage_key`` of the encoder ids the states came from.
+    passage_key: str
 
 
 def text_sha256(text: str) -> str:
@@ -209,7 +213,8 @@ class PassageStore:
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self._db.execute(
-                f"SELECT id, text_sha256, shard, tensor, rows, num_tokens, truncated "
+                f"SELECT id, text_sha256, shard, tensor, rows, num_tokens, truncated, "
+                f"passage_key "
                 f"FROM passages WHERE id IN ({marks})",
                 chunk,
             ):
@@ -227,7 +232,7 @@ class PassageStore:
 
     @staticmethod
     def _record(passage_id: str, row: tuple[Any, ...]) -> PassageRecord:
-        return PassageRecord(passage_id, row[0], row[3], row[4], bool(row[5]))
+        return PassageRecord(passage_id, row[0], row[3], row[4], bool(row[5]), row[6])
 
     def _shard(self, name: str) -> Any:
         from safetensors import safe_open
@@ -292,7 +297,7 @@ class PassageStoreWriter:
         _fsync_dir(final.parent)
         self._db.execute("BEGIN IMMEDIATE")
         self._db.executemany(
-            "INSERT OR REPLACE INTO passages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO passages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     r.id,
@@ -302,6 +307,7 @@ class PassageStoreWriter:
                     r.rows,
                     r.num_tokens,
                     int(r.truncated),
+                    r.passage_key,
                 )
                 for i, (r, _) in enumerate(batch)
             ],

@@ -11,11 +11,19 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     ARCHITECTURE,
     DEFAULT_DOCUMENT_MAX_LENGTH,
     DEFAULT_ENCODER_CHUNK_SIZE,
+    DEFAULT_PASSAGE_CACHE_MB,
     DEFAULT_QUERY_MAX_LENGTH,
 )
+from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
 from kalm_t5gemma2_vllm_plugin.validation import check_positive_int, parse_chunk_size
 
-__all__ = ["IDS_FIELD", "SCORE_IDS_KEY", "STATES_FIELD", "EngineSettings"]
+__all__ = [
+    "IDS_FIELD",
+    "KEY_FIELD",
+    "SCORE_IDS_KEY",
+    "STATES_FIELD",
+    "EngineSettings",
+]
 
 # --- what crosses from the caller into vLLM's processes ----------------------------
 # Passage item keys (multi_modal_data={"passage": ...} and the processor's fields):
@@ -25,6 +33,9 @@ IDS_FIELD = "passage_ids"
 STATES_FIELD = "passage_states"
 #: a score-API prompt, moved there by the model's ``post_process_tokens``
 SCORE_IDS_KEY = "score_ids"
+#: the passage key (``passage_key.py``) as KEY_BYTES uint8 values; in a stored
+#: passage's item, the key as hex
+KEY_FIELD = "passage_key"
 
 # hf_overrides keys the plugin model reads back (prefixed: HF configs hold other keys).
 OVERRIDE_CHUNK_SIZE = "kalm_encoder_chunk_size"
@@ -33,6 +44,7 @@ OVERRIDE_QUERY_MAX_LENGTH = "kalm_query_max_length"
 OVERRIDE_ALLOW_PASSAGE_STATES = "kalm_allow_passage_states"
 OVERRIDE_DECODER_ONLY = "kalm_decoder_only"
 OVERRIDE_COUNTERS_PATH = "kalm_counters_path"
+OVERRIDE_PASSAGE_CACHE_MB = "kalm_passage_cache_mb"
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class EngineSettings:
     decoder_only: bool = False
     #: File where the model publishes its counters (see ``counters.py``).
     counters_path: str | None = None
+    #: Size of the plugin's passage cache in MiB (0: off).
+    passage_cache_mb: float = DEFAULT_PASSAGE_CACHE_MB
 
     def __post_init__(self) -> None:
         # Normalise, not only check: "4" becomes 4, "none" becomes None.
@@ -67,6 +81,19 @@ class EngineSettings:
             ),
         ):
             object.__setattr__(self, name, value)
+        cache = self.passage_cache_mb
+        if (
+            isinstance(cache, bool)
+            or not isinstance(cache, int | float)
+            or not cache >= 0  # also refuses NaN
+            or cache == float("inf")
+        ):
+            raise KaLMInputError(
+                f"passage_cache_mb must be a number >= 0 (MiB; 0 turns the cache "
+                f"off), got {cache!r}.",
+                field="passage_cache_mb",
+            )
+        object.__setattr__(self, "passage_cache_mb", float(cache))
 
     @property
     def pool_factor(self) -> int:
@@ -87,6 +114,7 @@ class EngineSettings:
             OVERRIDE_ALLOW_PASSAGE_STATES: self.allow_passage_states,
             OVERRIDE_DECODER_ONLY: self.decoder_only,
             OVERRIDE_COUNTERS_PATH: self.counters_path,
+            OVERRIDE_PASSAGE_CACHE_MB: self.passage_cache_mb,
         }
 
     @classmethod
@@ -105,4 +133,7 @@ class EngineSettings:
             ),
             decoder_only=bool(getattr(config, OVERRIDE_DECODER_ONLY, False)),
             counters_path=getattr(config, OVERRIDE_COUNTERS_PATH, None),
+            passage_cache_mb=getattr(
+                config, OVERRIDE_PASSAGE_CACHE_MB, DEFAULT_PASSAGE_CACHE_MB
+            ),
         )

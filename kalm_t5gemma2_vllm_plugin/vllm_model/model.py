@@ -46,10 +46,12 @@ from kalm_t5gemma2_vllm_plugin.t5gemma2 import (
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     IDS_FIELD,
+    KEY_FIELD,
     SCORE_IDS_KEY,
     STATES_FIELD,
     EngineSettings,
 )
+from kalm_t5gemma2_vllm_plugin.vllm_model.passage_cache import PassageCache
 from kalm_t5gemma2_vllm_plugin.vllm_model.pooler import KaLMYesNoPooler
 from kalm_t5gemma2_vllm_plugin.vllm_model.processor import (
     KaLMPassageDummyInputsBuilder,
@@ -95,6 +97,11 @@ class KaLMT5Gemma2Reranker(
         # Read by the reranker and the server from their own process.
         self.counters = EngineCounters(self.settings.counters_path)
         self.pooler = KaLMYesNoPooler(self.decoder, self.softcap, self.counters)
+        # Not verified on a GPU: held on the model's device, outside what
+        # vLLM profiles (see README, "Passage reuse").
+        self.passage_cache = PassageCache(
+            int(self.settings.passage_cache_mb * 2**20), self.counters
+        )
 
     # --- vLLM score API ---------------------------------------------------------
     @classmethod
@@ -120,17 +127,30 @@ class KaLMT5Gemma2Reranker(
 
     @torch.inference_mode()
     def embed_multimodal(self, **kwargs: Any) -> list[torch.Tensor]:
+        # Called for the passages vLLM's encoder cache does not hold; the
+        # plugin's cache serves what it can, the rest is encoded in one batch.
+        keys = [bytes(k.tolist()).hex() for k in _as_list(kwargs[KEY_FIELD])]
         if STATES_FIELD in kwargs:  # precomputed by a passage store
-            states = _as_list(kwargs[STATES_FIELD])
+            states = [s.to(self._dtype) for s in _as_list(kwargs[STATES_FIELD])]
             self.counters.add(passages_from_store=len(states))
-            return [s.to(self._dtype) for s in states]
+            for key, passage in zip(keys, states, strict=True):
+                self.passage_cache.put(key, passage)
+            return states
         passages = _as_list(kwargs[IDS_FIELD])
-        assert self.encoder is not None, "decoder-only engines accept only states"
-        self.counters.add(
-            passages_encoded=len(passages),
-            passage_tokens_encoded=sum(len(p) for p in passages),
-        )
-        return encode_passages(self.encoder, passages, self.settings.chunk_size)
+        found = [self.passage_cache.get(key) for key in keys]
+        misses = [i for i, states in enumerate(found) if states is None]
+        if misses:
+            assert self.encoder is not None, "decoder-only engines accept only states"
+            todo = [passages[i] for i in misses]
+            self.counters.add(
+                passages_encoded=len(todo),
+                passage_tokens_encoded=sum(len(p) for p in todo),
+            )
+            encoded = encode_passages(self.encoder, todo, self.settings.chunk_size)
+            for i, states in zip(misses, encoded, strict=True):
+                found[i] = states
+                self.passage_cache.put(keys[i], states)
+        return found  # type: ignore[return-value]
 
     def embed_input_ids(
         self,

@@ -40,9 +40,11 @@ from kalm_t5gemma2_vllm_plugin.constants import (
 )
 from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
+from kalm_t5gemma2_vllm_plugin.passage_key import KEY_BYTES, passage_key
 from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids, encode_document
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     IDS_FIELD,
+    KEY_FIELD,
     SCORE_IDS_KEY,
     STATES_FIELD,
     EngineSettings,
@@ -144,6 +146,7 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         return {
             IDS_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
             STATES_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+            KEY_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
         }
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> Sequence[Any]:
@@ -167,16 +170,20 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         if isinstance(item, Mapping) and STATES_FIELD in item:
             field, data = STATES_FIELD, self._check_states(item[STATES_FIELD])
             num_rows = data.shape[0]
-            key = _hash_bytes(b"states", data.view(torch.uint8).numpy().tobytes())
+            # A stored passage carries the key of the ids it was encoded from,
+            # so it shares its cache entries with the same passage as text.
+            key = (
+                item.get(KEY_FIELD)
+                or _hash_bytes(b"states", data.view(torch.uint8).numpy().tobytes())[
+                    : 2 * KEY_BYTES
+                ]
+            )
+            key = self._check_key(key)
         else:
             ids = self._encoder_ids(item)
             field, data = IDS_FIELD, torch.tensor(ids, dtype=torch.long)
             num_rows = pooled_length(len(ids), settings.pool_factor)
-            key = _hash_bytes(
-                b"ids",
-                str(settings.pool_factor).encode(),
-                torch.tensor(ids, dtype=torch.int32).numpy().tobytes(),
-            )
+            key = passage_key(ids, settings.chunk_size)
 
         # Profiling dummies come with an empty decoder prompt.
         decoder_ids = decoder_ids or [BOS_TOKEN_ID]
@@ -187,9 +194,13 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
                 f"start with <bos>.",
                 field="prompt_token_ids",
             )
+        key_bytes = torch.tensor(list(bytes.fromhex(key)), dtype=torch.uint8)
         mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
-            BatchFeature({field: data[None]}),
-            {field: MultiModalFieldConfig.batched(PASSAGE_MODALITY)},
+            BatchFeature({field: data[None], KEY_FIELD: key_bytes[None]}),
+            {
+                field: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+                KEY_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+            },
         )
         model_key = f"{self.info.model_id}|{TEMPLATE_VERSION}".encode()
         return mm_input(
@@ -247,6 +258,22 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         # The checkpoint's HF tokenizer; vLLM types it by its own, narrower
         # protocol, the prompt code by the HF calls it makes.
         return self.info.get_tokenizer()
+
+    @staticmethod
+    def _check_key(key: object) -> str:
+        if not isinstance(key, str) or len(key) != 2 * KEY_BYTES:
+            raise KaLMInputError(
+                f"A stored passage's key must be {2 * KEY_BYTES} hex digits.",
+                field=KEY_FIELD,
+            )
+        try:
+            bytes.fromhex(key)
+        except ValueError:
+            raise KaLMInputError(
+                f"A stored passage's key must be {2 * KEY_BYTES} hex digits.",
+                field=KEY_FIELD,
+            ) from None
+        return key
 
     def _check_states(self, states: object) -> torch.Tensor:
         settings = self.info.settings

@@ -62,13 +62,16 @@ from kalm_t5gemma2_vllm_plugin.constants import PASSAGE_MODALITY  # noqa: E402
 from kalm_t5gemma2_vllm_plugin.engine import vllm_compat  # noqa: E402
 from kalm_t5gemma2_vllm_plugin.engine.session import (  # noqa: E402
     EngineOptions,
-    engine_kwargs,
+    EngineSession,
 )
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError  # noqa: E402
 from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids  # noqa: E402
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings  # noqa: E402
 from kalm_t5gemma2_vllm_plugin.vllm_model.model import (  # noqa: E402
     KaLMT5Gemma2Reranker,
+)
+from kalm_t5gemma2_vllm_plugin.vllm_model.passage_cache import (  # noqa: E402
+    PassageCache,
 )
 
 #: max_num_seqs of the engine config: the dummy runs' request count.
@@ -226,14 +229,16 @@ def _missing_surfaces() -> list[str]:
 
 
 def _engine_config(spec: dict[str, Any], report: dict[str, Any]) -> tuple[Any, dict]:
-    # The engine arguments the reranker starts vLLM with (default settings).
+    # The engine arguments the reranker starts vLLM with (default settings),
+    # from the engine session itself (its sizing, its counters file).
     options = EngineOptions(
         model=spec["checkpoint"],
         model_path=spec["checkpoint"],
         dtype="float32",
         batch_size=BATCH_SIZE,
     )
-    vc = EngineArgs(**engine_kwargs(options, options.settings)).create_engine_config()
+    session = EngineSession(options)
+    vc = EngineArgs(**session.engine_args).create_engine_config()
     if report["pretend"]:  # see adapt_to_this_machine
         vc.load_config.device = "cpu"
     return vc, {
@@ -406,6 +411,11 @@ def _engine_loop(
     vc: Any, model: torch.nn.Module, step1: list[Any], step2: list[Any]
 ) -> tuple[None, dict]:
     """Scheduler → worker → scheduler, twice, as EngineCore.step runs them."""
+    # Start cold: the worker checks before this one filled the plugin's
+    # passage cache with these passages (which would serve step 1 itself).
+    model.passage_cache = PassageCache(
+        model.passage_cache.capacity_bytes, model.counters
+    )
     scheduler, details = start_scheduler(vc)
     worker = Worker(vc, model)
     steps = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from kalm_t5gemma2_vllm_plugin import KaLMVLLMReranker
 from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
 from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
+from kalm_t5gemma2_vllm_plugin.server import schemas as S
 from tests.helpers import MARGIN_ATOL, QUERY, corpus_docs
 from tests.server.conftest import RunningServer
 
@@ -457,3 +459,181 @@ def test_client_exits_non_zero_with_the_server_message(
         str(bad),
     )
     assert code == 1 and "HTTP 422" in err and "pairs" in err
+
+
+# --- text that is not Unicode: every string field of every route -------------------
+#: A request per route that the server answers 200, with every string-typed
+#: field of its schema present (lists hold two items, so indices show up).
+VALID_REQUESTS = {
+    "/rerank": {
+        "model": "tiny",
+        "query": "q",
+        "documents": ["a", {"text": "b", "title": "ignored"}],
+        "document_ids": ["doc-1", "doc-2"],
+        "instruction": "i",
+    },
+    "/score": {
+        "model": "tiny",
+        "pairs": [
+            {"query": "q", "document": "a", "id": "x"},
+            {"query": "q", "document_id": "doc-1"},
+        ],
+        "instruction": "i",
+    },
+}
+VALID_REQUESTS["/v1/rerank"] = VALID_REQUESTS["/v2/rerank"] = VALID_REQUESTS["/rerank"]
+REQUEST_MODELS = {
+    "/rerank": S.RerankRequest,
+    "/v1/rerank": S.JinaRerankRequest,
+    "/v2/rerank": S.CohereRerankRequest,
+    "/score": S.ScoreRequest,
+}
+
+
+def _branches(schema: dict, defs: dict) -> list[dict]:
+    schema = defs[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+    if "anyOf" in schema:
+        return [b for s in schema["anyOf"] for b in _branches(s, defs)]
+    return [schema]
+
+
+def _string_fields(
+    schema: dict, defs: dict, value: object, path: tuple = ()
+) -> Iterator[tuple]:
+    """Paths in ``value`` where the JSON schema takes a string (no ``type``,
+    as for ``Any``, takes one too), and the same paths with ``*`` for indices."""
+    for branch in _branches(schema, defs):
+        kind = branch.get("type")
+        if isinstance(value, str) and kind in ("string", None):
+            yield path
+        elif isinstance(value, list) and kind == "array":
+            for i, item in enumerate(value):
+                yield from _string_fields(branch["items"], defs, item, (*path, i))
+        elif isinstance(value, dict) and kind == "object":
+            for key, item in value.items():
+                if key in branch.get("properties", {}):
+                    sub = branch["properties"][key]
+                    yield from _string_fields(sub, defs, item, (*path, key))
+
+
+def _schema_string_fields(schema: dict, defs: dict, path: str = "") -> set[str]:
+    """Every field of the schema that takes a string, indices as ``*``."""
+    found = set()
+    for branch in _branches(schema, defs):
+        kind = branch.get("type")
+        if kind in ("string", None) and path:
+            found.add(path)
+        elif kind == "array":
+            found |= _schema_string_fields(branch["items"], defs, f"{path}.*")
+        elif kind == "object":
+            for key, sub in branch.get("properties", {}).items():
+                found |= _schema_string_fields(sub, defs, f"{path}.{key}")
+    return {p.lstrip(".") for p in found}
+
+
+def _with(value: object, path: tuple, new: object) -> object:
+    value = json.loads(json.dumps(value))
+    target = value
+    for key in path[:-1]:
+        target = target[key]  # type: ignore[index]
+    target[path[-1]] = new  # type: ignore[index]
+    return value
+
+
+def _surrogate_cases() -> list[tuple[str, tuple]]:
+    cases = []
+    for route, model in REQUEST_MODELS.items():
+        schema = model.model_json_schema()
+        defs = schema.get("$defs", {})
+        paths = list(_string_fields(schema, defs, VALID_REQUESTS[route]))
+        cases += [(route, path) for path in paths]
+    return cases
+
+
+SURROGATE_CASES = _surrogate_cases()
+
+
+@pytest.mark.parametrize("route", list(REQUEST_MODELS))
+def test_the_surrogate_cases_cover_every_string_field_of_the_schema(
+    http: httpx.Client, route: str
+) -> None:
+    schema = REQUEST_MODELS[route].model_json_schema()
+    covered = {
+        ".".join("*" if isinstance(p, int) else p for p in path)
+        for r, path in SURROGATE_CASES
+        if r == route
+    }
+    assert covered == _schema_string_fields(schema, schema.get("$defs", {}))
+    response = http.post(route, json=VALID_REQUESTS[route])
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("encoding", ["json-escape", "cesu-8"])
+@pytest.mark.parametrize(
+    "route,path",
+    SURROGATE_CASES,
+    ids=[f"{r}:{'.'.join(map(str, p))}" for r, p in SURROGATE_CASES],
+)
+def test_a_lone_surrogate_in_any_string_field_is_a_422_naming_it(
+    http: httpx.Client, route: str, path: tuple, encoding: str
+) -> None:
+    payload = _with(VALID_REQUESTS[route], path, "ok \ud800 then")
+    if encoding == "json-escape":  # "\ud800" in the JSON text
+        body = json.dumps(payload).encode()
+    else:  # the bytes ED A0 80, which Python's JSON reader decodes to U+D800
+        text = json.dumps(payload, ensure_ascii=False)
+        body = text.encode("utf-8", "surrogatepass")
+        assert b"\xed\xa0\x80" in body
+    response = http.post(
+        route, content=body, headers={"content-type": "application/json"}
+    )
+    field = ".".join(map(str, path))
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "error": {
+            "type": "invalid_request",
+            "field": field,
+            "message": f"{field}: must be valid Unicode text; found a lone "
+            "surrogate U+D800 at character 3",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "value,where",
+    [
+        ({"k": ["ok", "\udfff"]}, " (at k.1)"),
+        ([1, {"\udfff": 2}], " (in a key at 1)"),
+        ("\udfff", ""),
+    ],
+    ids=["nested-string", "nested-key", "string"],
+)
+def test_a_lone_surrogate_anywhere_in_a_score_id_is_a_422(
+    http: httpx.Client, value: object, where: str
+) -> None:
+    payload = {"pairs": [{"query": "q", "document": "a", "id": value}]}
+    body = json.dumps(payload).encode()  # "\\udfff" as a JSON escape
+    response = http.post(
+        "/score", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "pairs.0.id"
+    assert error["message"] == (
+        "pairs.0.id: must be valid Unicode text; found a lone surrogate U+DFFF "
+        f"at character 0{where}"
+    )
+
+
+def test_valid_surrogate_pairs_and_odd_characters_still_score(
+    http: httpx.Client,
+) -> None:
+    text = "emoji \U0001f600, NUL \u0000, BOM \ufeff, non-character \uffff"
+    payload = {"pairs": [{"query": text, "document": text, "id": {text: [text]}}]}
+    body = json.dumps(payload).encode()  # ASCII: the emoji as "\\ud83d\\ude00"
+    assert b"\\ud83d\\ude00" in body
+    response = http.post(
+        "/score", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["id"] == {text: [text]}

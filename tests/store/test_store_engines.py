@@ -135,9 +135,12 @@ def _check_every_held_passage(
     records = reader.records(ids)
     states = reader.get(ids)
     fresh = encoder.encode([docs[i] for i in ids])
-    for record, held, (expected, tokens, _) in zip(records, states, fresh, strict=True):
+    for record, held, (expected, tokens, _, key) in zip(
+        records, states, fresh, strict=True
+    ):
         assert record.text_sha256 == text_sha256(docs[record.id])
         assert record.num_tokens == tokens and record.rows == len(held)
+        assert record.passage_key == key
         # batch composition differs from the encoding run: float noise only
         torch.testing.assert_close(held, expected, rtol=1e-5, atol=1e-5)
     reader.close()

@@ -162,3 +162,38 @@ def test_make_checkpoint_cli(
     assert capsys.readouterr().out.strip() == str(tmp_path / "ck")
     with safe_open(tmp_path / "ck" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.decoder.norm.weight").dtype == torch.bfloat16
+
+
+def test_checkpoint_keys_map_in_both_layouts() -> None:
+    from kalm_t5gemma2_vllm_plugin.t5gemma2 import checkpoint_target
+
+    def engine(name: str) -> str | None:  # as the vLLM model loads them
+        return checkpoint_target(
+            name,
+            encoder_prefix="encoder.",
+            embedding="decoder.embed_tokens",
+            decoder_prefix="decoder.",
+        )
+
+    layer = "layers.0.self_attn.q_proj.weight"
+    # on disk and in Transformers 5's memory layout: the same target
+    assert engine(f"model.encoder.{layer}") == f"encoder.{layer}"
+    assert engine(f"model.encoder.text_model.{layer}") == f"encoder.{layer}"
+    assert engine(f"model.decoder.{layer}") == f"decoder.{layer}"
+    # one shared embedding table
+    for name in (
+        "model.encoder.embed_tokens.weight",
+        "model.encoder.text_model.embed_tokens.weight",
+    ):
+        assert engine(name) == "decoder.embed_tokens.weight"
+    # never read: the vision tower, and the tied copies of the embedding
+    for name in ("model.encoder.vision_tower.x.weight", "lm_head.weight"):
+        assert engine(name) is None
+    # the passage encoder alone: no decoder, its own embedding name
+    encoder_only = checkpoint_target(
+        f"model.decoder.{layer}",
+        encoder_prefix="",
+        embedding="embed_tokens",
+        decoder_prefix=None,
+    )
+    assert encoder_only is None
