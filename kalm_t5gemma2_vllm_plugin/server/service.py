@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kalm_t5gemma2_vllm_plugin import errors
@@ -61,6 +62,11 @@ class RankOutcome:
     results: list[RankResult]
     truncated: list[int]
     num_tokens: int
+
+
+def _public_name(model: str) -> str:
+    """A model as a client may see it: a local directory by its name only."""
+    return Path(model).name if Path(model).expanduser().is_dir() else model
 
 
 class RerankService:
@@ -120,8 +126,11 @@ class RerankService:
         return {
             "status": "ok" if self.ready else self.state,
             "uptime_seconds": round(time.monotonic() - self.started_at, 3),
-            "model": config.model,
-            "served_model_names": self.model_names(),
+            # /health needs no key: no path of this machine in it (F14).
+            "model": _public_name(config.model),
+            "served_model_names": list(
+                dict.fromkeys(_public_name(n) for n in self.model_names())
+            ),
             "dtype": self.dtype,
             "query_max_length": settings.query_max_length,
             "document_max_length": settings.document_max_length,
@@ -136,7 +145,11 @@ class RerankService:
                 if self.session is None
                 else self.session.sizes.max_num_batched_tokens
             ),
-            "passage_store": options.passage_store,
+            "passage_store": (
+                None
+                if options.passage_store is None
+                else Path(options.passage_store).name
+            ),
             "passages_in_store": None if store is None else len(store),
             "decoder_only": settings.decoder_only,
             "batch_size": options.batch_size,

@@ -45,6 +45,10 @@ def test_health_reports_settings(http: httpx.Client) -> None:
     assert body["status"] == "ok" and body["dtype"] == "float32"
     assert body["encoder_chunk_size"] == 4 and body["document_max_length"] == 1024
     assert body["limits"]["max_documents"] >= 1000
+    # /health needs no key: it names the model, never a path of this machine
+    assert "/" not in body["model"] and body["model"].startswith("kalm-tiny")
+    assert all("/" not in name for name in body["served_model_names"])
+    assert "/" not in repr(body["passage_store"])
 
 
 def test_rerank_matches_the_offline_reranker(
@@ -329,6 +333,7 @@ def test_unknown_document_ids_are_a_404_naming_them(http: httpx.Client) -> None:
             error["type"] == "document_not_found" and error["field"] == "document_ids"
         )
         assert "'nope'" in error["message"] and "'gone'" in error["message"]
+        assert "/" not in error["message"]  # the store by name, not by path (F14)
     both = http.post(
         "/score",
         json={"pairs": [{"query": "q", "document": "t", "document_id": "doc-1"}]},
