@@ -18,7 +18,6 @@ from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_INSTRUCTION,
     DEFAULT_SYSTEM_INSTRUCTION,
     PASSAGE_MODALITY,
@@ -217,12 +216,7 @@ def engine_kwargs(
         hf_overrides=settings.hf_overrides(),
         limit_mm_per_prompt={PASSAGE_MODALITY: 1},
     )
-    kwargs.update(
-        platform_engine_kwargs(
-            options.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
-            explicit_utilization=options.gpu_memory_utilization is not None,
-        )
-    )
+    kwargs.update(platform_engine_kwargs(options.gpu_memory_utilization))
     kwargs.update(options.engine_args)
     return kwargs
 
@@ -322,14 +316,15 @@ class EngineSession:
     def build(
         self,
         pairs: Sequence[tuple[str, str]],
-        instruction: str | None,
+        instruction: str,
         *,
         document_max_length: int | None = None,
     ) -> list[EnginePrompt]:
-        """Engine requests for validated pairs (documents by text or ``DocumentId``)."""
+        """Engine requests for validated pairs (documents by text or ``DocumentId``)
+        and an instruction ``instruction()`` returned."""
         return self.requests.build(
             pairs,
-            self.instruction(instruction),
+            instruction,
             document_max_length=document_max_length,
             store=self.store,
         )

@@ -13,7 +13,11 @@ import logging
 import os
 from typing import Any
 
-from kalm_t5gemma2_vllm_plugin.constants import ARCHITECTURE, PLUGIN_NAME
+from kalm_t5gemma2_vllm_plugin.constants import (
+    ARCHITECTURE,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    PLUGIN_NAME,
+)
 from kalm_t5gemma2_vllm_plugin.cpu_tuning import keep_torch_threads
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMEngineError
 
@@ -73,9 +77,7 @@ def configure_vllm_environment(
 _CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
 
 
-def platform_engine_kwargs(
-    gpu_memory_utilization: float, *, explicit_utilization: bool
-) -> dict[str, Any]:
+def platform_engine_kwargs(gpu_memory_utilization: float | None) -> dict[str, Any]:
     """Engine arguments that depend on the platform and vLLM's CPU knobs.
 
     0.32 CPU: an explicit KV-cache size skips the start-up memory check sized
@@ -84,14 +86,15 @@ def platform_engine_kwargs(
     engine process gets every core (``VLLM_CPU_NUM_OF_RESERVED_CPU``). CUDA
     0.33-0.34: ``gpu_memory_utilization`` only gates the start-up free-memory
     check for a model without KV cache; ours is always passed (0.34's default
-    became ``None``).
+    became ``None``): the given one, else DEFAULT_GPU_MEMORY_UTILIZATION.
     """
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return {"gpu_memory_utilization": gpu_memory_utilization}
+        utilization = gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        return {"gpu_memory_utilization": utilization}
     kwargs: dict[str, Any] = {}
-    if explicit_utilization:
+    if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         kwargs["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES

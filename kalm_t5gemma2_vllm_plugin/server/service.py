@@ -225,8 +225,11 @@ class RerankService:
         *,
         document_max_length: int | None = None,
     ) -> ScoredPairs:
-        prompts = self._session().build(
-            list(pairs), instruction, document_max_length=document_max_length
+        session = self._session()
+        prompts = session.build(
+            list(pairs),
+            session.instruction(instruction),
+            document_max_length=document_max_length,
         )
         margins = await asyncio.gather(*(self._margin(p.prompt) for p in prompts))
         return ScoredPairs(

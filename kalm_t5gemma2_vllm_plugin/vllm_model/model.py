@@ -147,9 +147,9 @@ class KaLMT5Gemma2Reranker(
                 passage_tokens_encoded=sum(len(p) for p in todo),
             )
             encoded = encode_passages(self.encoder, todo, self.settings.chunk_size)
-            for i, states in zip(misses, encoded, strict=True):
-                found[i] = states
-                self.passage_cache.put(keys[i], states)
+            for i, fresh in zip(misses, encoded, strict=True):
+                found[i] = fresh
+                self.passage_cache.put(keys[i], fresh)
         return found  # type: ignore[return-value]
 
     def embed_input_ids(

@@ -172,11 +172,8 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
             num_rows = data.shape[0]
             # A stored passage carries the key of the ids it was encoded from,
             # so it shares its cache entries with the same passage as text.
-            key = (
-                item.get(KEY_FIELD)
-                or _hash_bytes(b"states", data.view(torch.uint8).numpy().tobytes())[
-                    : 2 * KEY_BYTES
-                ]
+            key = item.get(KEY_FIELD) or _hash_bytes(
+                b"states", data.view(torch.uint8).numpy().tobytes()
             )
             key = self._check_key(key)
         else:
