@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kalm_t5gemma2_vllm_plugin import DocumentId, KaLMVLLMReranker
+from kalm_t5gemma2_vllm_plugin import DocumentId, KaLMReranker, KaLMVLLMReranker
 from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
-from tests.helpers import QUERY, run_encode, write_corpus
+from tests.helpers import MARGIN_ATOL, QUERY, run_encode, write_corpus
 
 pytestmark = pytest.mark.engine
 
@@ -40,6 +40,11 @@ def test_three_queries_over_100_documents_encode_each_passage_once(
         fresh = [reranker.margins([(q, d) for d in DOCS]) for q in QUERIES[1:]]
     for got, want in zip(cached[1:], fresh, strict=True):
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-6
+    # and the passages served by the cache score as the fp32 reference does
+    reference = KaLMReranker(str(tiny_checkpoint), dtype="float32")
+    for query, got in zip(QUERIES[1:], cached[1:], strict=True):
+        want = reference.margins([(query, d) for d in DOCS])
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= MARGIN_ATOL
 
 
 def test_with_vllms_encoder_cache_small_the_plugin_cache_serves_the_repeats(
@@ -94,3 +99,7 @@ def test_the_same_passage_by_id_and_then_as_text_is_not_encoded_again(
     # the store row carries the passage key: text finds the stored states
     assert stats["passages_encoded"] == 0 and stats["passages_from_store"] == 5
     assert max(abs(a - b) for a, b in zip(by_id, by_text, strict=True)) <= 1e-6
+    want = KaLMReranker(str(tiny_checkpoint), dtype="float32").margins(
+        [(QUERY, text) for text in docs.values()]
+    )
+    assert max(abs(a - b) for a, b in zip(by_text, want, strict=True)) <= MARGIN_ATOL
