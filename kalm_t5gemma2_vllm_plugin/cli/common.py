@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_BATCH_SIZE,
@@ -25,6 +25,9 @@ from kalm_t5gemma2_vllm_plugin.constants import (
 )
 from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import configure_vllm_environment
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMError
+
+if TYPE_CHECKING:  # the engine tier loads only when a command starts one
+    from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions
 
 __all__ = [
     "Output",
@@ -170,7 +173,7 @@ def reranker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_options(
     args: argparse.Namespace, model: str, model_path: str, **more: Any
-) -> Any:
+) -> EngineOptions:
     """``EngineOptions`` from the engine flags (``more``: further fields)."""
     from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions
     from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
