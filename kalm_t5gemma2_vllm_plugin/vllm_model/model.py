@@ -51,6 +51,7 @@ from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     STATES_FIELD,
     EngineSettings,
 )
+from kalm_t5gemma2_vllm_plugin.vllm_model.file_pages import FilePages
 from kalm_t5gemma2_vllm_plugin.vllm_model.passage_cache import PassageCache
 from kalm_t5gemma2_vllm_plugin.vllm_model.pooler import KaLMYesNoPooler
 from kalm_t5gemma2_vllm_plugin.vllm_model.processor import (
@@ -192,6 +193,7 @@ class KaLMT5Gemma2Reranker(
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        pages = FilePages()
         for name, tensor in weights:
             target = self._target_name(name)
             if target is None:
@@ -201,6 +203,7 @@ class KaLMT5Gemma2Reranker(
                     f"Checkpoint tensor {name!r} maps to unknown {target!r}."
                 )
             default_weight_loader(params[target], tensor)
+            pages.release(tensor)
             loaded.add(target)
         missing = set(params) - loaded
         if missing:
