@@ -8,6 +8,7 @@
     │   ├── UnknownModelError              model name not served       -> HTTP 404
     │   └── TooManyItemsError              over a per-request limit    -> HTTP 413
     ├── KaLMConfigError (RuntimeError)     unusable checkpoint/engine setup
+    │   └── CorruptStoreError              passage store fails its checks -> HTTP 500
     ├── KaLMEngineError (RuntimeError)     failure inside the engine    -> HTTP 500
     │   ├── EngineUnavailableError         starting, stopped or died    -> HTTP 503
     │   └── OverloadedError                too many requests in flight  -> HTTP 429
@@ -23,6 +24,7 @@ builtin types (as with the original KaLM adapter) keep working.
 from __future__ import annotations
 
 __all__ = [
+    "CorruptStoreError",
     "KaLMConfigError",
     "KaLMEngineError",
     "KaLMError",
@@ -78,6 +80,21 @@ class TooManyItemsError(KaLMInputError):
 
 class KaLMConfigError(KaLMError, RuntimeError):
     """The checkpoint, tokenizer or engine settings cannot work together."""
+
+
+class CorruptStoreError(KaLMConfigError):
+    """Passage store data fails its checksum or consistency checks.
+
+    ``passage_id`` and ``file`` (a name inside the store, never a path) say
+    where, when known; the message names both and no path of the machine.
+    """
+
+    def __init__(
+        self, message: str, *, passage_id: str | None = None, file: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.passage_id = passage_id
+        self.file = file
 
 
 class KaLMEngineError(KaLMError, RuntimeError):

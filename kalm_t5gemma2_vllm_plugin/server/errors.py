@@ -52,6 +52,7 @@ _STATUS: list[tuple[type[errors.KaLMError], int, str]] = [
     (errors.KaLMInputError, 400, "invalid_request"),
     (errors.EngineUnavailableError, 503, "unavailable"),
     (errors.OverloadedError, 429, "overloaded"),
+    (errors.CorruptStoreError, 500, "corrupt_store"),  # names only, never a path
 ]
 
 
@@ -65,6 +66,8 @@ def api_error(exc: errors.KaLMError) -> APIError:
                 else None
             )
             field = getattr(exc, "field", None)
+            if status >= 500:  # the operator must hear of it, not only the client
+                logger.error("%s: %s", type_, exc)
             return APIError(status, type_, str(exc), field=field, headers=headers)
     # Engine and configuration faults: a generic message, the details in the log.
     logger.error("Engine error: %s", exc)

@@ -22,6 +22,7 @@ def test_console_scripts_are_declared() -> None:
         "kalm-vllm-make-checkpoint",
         "kalm-vllm-bench",
         "kalm-vllm-encode",
+        "kalm-vllm-store",
     } <= names
     # every console script's main lives in cli/
     for ep in importlib.metadata.entry_points(group="console_scripts"):
