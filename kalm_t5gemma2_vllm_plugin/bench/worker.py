@@ -8,6 +8,7 @@ Run by ``kalm-vllm-bench``: ``python -m kalm_t5gemma2_vllm_plugin.bench.worker
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -15,7 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kalm_t5gemma2_vllm_plugin.bench.workload import Workload, qwen3_reranker_prompt
+from kalm_t5gemma2_vllm_plugin.bench.workload import (
+    SharedPool,
+    Workload,
+    qwen3_reranker_prompt,
+)
+from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
 
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -82,13 +88,7 @@ def run_reference(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
 def run_vllm(
     config: dict[str, Any], workload: Workload, *, warm: bool
 ) -> dict[str, Any]:
-    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
-
-    reranker = KaLMVLLMReranker(
-        config["checkpoint"],
-        dtype=config["dtype"],
-        encoder_chunk_size=config["chunk_size"],
-    )
+    reranker = _plugin(config)
     if warm:  # encode the documents once; the timed calls reuse them
         reranker.rank(workload.query(-1, 0), workload.document_set(0))
         documents = lambda r, i: workload.document_set(0)  # noqa: E731
@@ -96,6 +96,18 @@ def run_vllm(
         reranker.rank(workload.query(-1, 0), workload.document_set(-1))
         documents = workload.cold_set
     return _measure_vllm(reranker, reranker.rank, workload, documents, config)
+
+
+def _plugin(config: dict[str, Any], **kwargs: Any) -> Any:
+    """KaLMVLLMReranker with the run's checkpoint, dtype and chunk size."""
+    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
+
+    return KaLMVLLMReranker(
+        config["checkpoint"],
+        dtype=config["dtype"],
+        encoder_chunk_size=config["chunk_size"],
+        **kwargs,
+    )
 
 
 def _measure_vllm(
@@ -116,8 +128,9 @@ def _store_ids(workload: Workload) -> list[str]:
     return [f"doc-{i}" for i in range(workload.documents)]
 
 
-def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
-    """Build the passage store with kalm-vllm-encode's code (its own process)."""
+def _build_store(config: dict[str, Any], rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """Encode ``(id, text)`` rows into a fresh store at ``config["store"]`` with
+    kalm-vllm-encode's code; the rate and the bytes per passage."""
     import shutil
     from pathlib import Path
 
@@ -128,19 +141,7 @@ def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, An
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
     corpus = store.parent / (store.name + ".jsonl")
-    # The benchmark documents plus three more sets, for a steadier rate.
-    texts = workload.document_set(0) + [
-        doc for i in range(3) for doc in workload.cold_set(0, i)
-    ]
-    ids = _store_ids(workload) + [
-        f"extra-{i}" for i in range(len(texts) - workload.documents)
-    ]
-    corpus.write_text(
-        "".join(
-            json.dumps({"id": i, "text": t}) + "\n"
-            for i, t in zip(ids, texts, strict=True)
-        )
-    )
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
     identity = StoreIdentity.for_engine(
         config["checkpoint"], config["chunk_size"], 1024, config["dtype"]
     )
@@ -164,17 +165,21 @@ def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, An
     }
 
 
+def run_store_encode(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    """Build the passage store: the benchmark documents plus three more sets,
+    for a steadier rate."""
+    texts = workload.document_set(0) + [
+        doc for i in range(3) for doc in workload.cold_set(0, i)
+    ]
+    ids = _store_ids(workload) + [
+        f"extra-{i}" for i in range(len(texts) - workload.documents)
+    ]
+    return _build_store(config, list(zip(ids, texts, strict=True)))
+
+
 def run_vllm_store(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
     """Rank stored passages by id on a decoder-only engine (no encoder loaded)."""
-    from kalm_t5gemma2_vllm_plugin.rerankers.vllm import KaLMVLLMReranker
-
-    reranker = KaLMVLLMReranker(
-        config["checkpoint"],
-        dtype=config["dtype"],
-        encoder_chunk_size=config["chunk_size"],
-        passage_store=config["store"],
-        decoder_only=True,
-    )
+    reranker = _plugin(config, passage_store=config["store"], decoder_only=True)
     ids = _store_ids(workload)
     reranker.rank(workload.query(-1, 0), document_ids=ids)  # warm-up
 
@@ -184,13 +189,14 @@ def run_vllm_store(config: dict[str, Any], workload: Workload) -> dict[str, Any]
     return _measure_vllm(reranker, rank, workload, lambda r, i: ids, config)
 
 
-def run_cross_encoder(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
+def _cross_encoder(checkpoint: str, dtype: str) -> Any:
+    """The Qwen3-Reranker-shaped peer on vLLM's own yes/no sequence classifier."""
     from vllm import LLM
 
-    llm = LLM(
-        model=config["checkpoint"],
+    return LLM(
+        model=checkpoint,
         runner="pooling",
-        dtype=config["dtype"],
+        dtype=dtype,
         enforce_eager=True,
         max_model_len=4096,
         kv_cache_memory_bytes=2 << 30,
@@ -200,6 +206,10 @@ def run_cross_encoder(config: dict[str, Any], workload: Workload) -> dict[str, A
             "is_original_qwen3_reranker": True,
         },
     )
+
+
+def run_cross_encoder(config: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    llm = _cross_encoder(config["checkpoint"], config["dtype"])
 
     def rank(query: str, docs: list[str]) -> list[float]:
         outputs = llm.classify(
@@ -214,6 +224,269 @@ def run_cross_encoder(config: dict[str, Any], workload: Workload) -> dict[str, A
     prompt = qwen3_reranker_prompt(workload.query(0, 0), workload.document_set(0)[0])
     result["tokens"] = {"prompt_tokens": len(tokenizer(prompt)["input_ids"])}
     return result
+
+
+# --- the shared-pool workload (``kalm-vllm-bench --sweep``) ----------------------
+# Config: {"engine": "pool-<name>", "pool": SharedPool fields, "dtype",
+# "chunk_size", "checkpoint", "warm_queries", "peer_pairs", "store", ...}.
+
+
+def _pool_pass(
+    rank: Callable[[str, int, list[int]], Any],
+    pool: SharedPool,
+    round_: int,
+    calls: list[tuple[int, list[int]]],
+    stats: Callable[[], dict[str, int]] | None = None,
+) -> dict[str, Any]:
+    """Run ``calls`` one after another; pairs/s over the pass, latency per call and
+    what the engine counted during it."""
+    before = stats() if stats else {}
+    latencies = []
+    started = time.perf_counter()
+    for q, candidates in calls:
+        t0 = time.perf_counter()
+        rank(pool.query(round_, q), q, candidates)
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - started
+    pairs = sum(len(c) for _, c in calls)
+    result: dict[str, Any] = {
+        "pairs": pairs,
+        "calls": len(calls),
+        "seconds": seconds,
+        "pairs_per_s": pairs / seconds,
+        "rank_latency_s": _summary(latencies),
+    }
+    if stats:
+        after = stats()
+        counted = {k: after[k] - before.get(k, 0) for k in after}
+        result["engine_counters"] = counted
+        # every pair the encoder did not run for was served from a cache
+        result["hit_rate"] = 1 - counted["passages_encoded"] / pairs
+    return result
+
+
+def _calls(pool: SharedPool, queries: int) -> list[tuple[int, list[int]]]:
+    return [(q, pool.candidates(q)) for q in range(min(queries, pool.queries))]
+
+
+def _fresh_texts(pool: SharedPool, count: int, salt: int) -> list[str]:
+    """Passages outside the pool (warm-up and the cold engine)."""
+    return [
+        synthetic_text(pool.doc_tokens, seed=10**9 + salt * 100_003 + i)
+        for i in range(count)
+    ]
+
+
+def run_pool_plugin(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    """KaLMVLLMReranker, fresh engine: the first pass over the workload (passages
+    encoded on first sight, then served by the caches), then ``warm_queries``
+    queries again with new texts over the same candidates (every passage cached)."""
+    reranker = _plugin(config)
+    texts = [pool.passage(i) for i in range(pool.pool)]
+    reranker.rank(pool.query(-1, 0), _fresh_texts(pool, 4, salt=0))  # warm-up
+
+    def rank(query: str, q: int, candidates: list[int]) -> Any:
+        return reranker.rank(query, [texts[i] for i in candidates])
+
+    first = _pool_pass(rank, pool, 0, _calls(pool, pool.queries), reranker.stats)
+    first["hit_ceiling"] = pool.hit_ceiling()
+    warm = _pool_pass(
+        rank, pool, 1, _calls(pool, config["warm_queries"]), reranker.stats
+    )
+    result = {"first_pass": first, "warm_pass": warm, "batch_size": reranker.batch_size}
+    reranker.close()
+    return result
+
+
+def run_pool_cold(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    """KaLMVLLMReranker on the peers' subset, every candidate a passage never seen
+    (the encoder runs for every pair): the price of a passage's first use."""
+    reranker = _plugin(config)
+    reranker.rank(pool.query(-1, 0), _fresh_texts(pool, 4, salt=0))
+    calls = pool.subset(config["peer_pairs"])
+    fresh = iter(_fresh_texts(pool, sum(len(c) for _, c in calls), salt=1))
+    unseen = {q: [next(fresh) for _ in c] for q, c in calls}
+    result = _pool_pass(
+        lambda query, q, c: reranker.rank(query, unseen[q]),
+        pool,
+        0,
+        calls,
+        reranker.stats,
+    )
+    reranker.close()
+    return {"subset_pass": result}
+
+
+def run_pool_store(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    """The pool from a passage store (built by ``pool-store-encode``), by id, on a
+    decoder-only engine: the same queries as the warm pass."""
+    reranker = _plugin(config, passage_store=config["store"], decoder_only=True)
+    ids = [pool.passage_id(i) for i in range(pool.pool)]
+    reranker.rank(pool.query(-1, 0), document_ids=ids[-4:])  # warm-up
+
+    def rank(query: str, q: int, candidates: list[int]) -> Any:
+        return reranker.rank(query, document_ids=[ids[i] for i in candidates])
+
+    result = _pool_pass(
+        rank, pool, 0, _calls(pool, config["warm_queries"]), reranker.stats
+    )
+    reranker.close()
+    return {"store_pass": result}
+
+
+def run_pool_store_encode(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    """Encode the whole pool into a passage store."""
+    rows = [(pool.passage_id(i), pool.passage(i)) for i in range(pool.pool)]
+    return _build_store(config, rows)
+
+
+def run_pool_reference(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    from kalm_t5gemma2_vllm_plugin.rerankers.reference import KaLMReranker
+
+    reranker = KaLMReranker(
+        config["checkpoint"], dtype=config["dtype"], chunk_size=config["chunk_size"]
+    )
+    texts = [pool.passage(i) for i in range(pool.pool)]
+    reranker.rank(pool.query(-1, 0), _fresh_texts(pool, 4, salt=0))
+    result = _pool_pass(
+        lambda query, q, c: reranker.rank(query, [texts[i] for i in c]),
+        pool,
+        0,
+        pool.subset(config["peer_pairs"]),
+    )
+    return {"subset_pass": result, "batch_size": reranker.batch_size}
+
+
+def run_pool_cross_encoder(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    llm = _cross_encoder(config["checkpoint"], config["dtype"])
+    texts = [pool.passage(i) for i in range(pool.pool)]
+
+    def rank(query: str, docs: list[str]) -> list[float]:
+        outputs = llm.classify(
+            [qwen3_reranker_prompt(query, d) for d in docs], use_tqdm=False
+        )
+        return sorted((o.outputs.probs[0] for o in outputs), reverse=True)
+
+    rank(pool.query(-1, 0), _fresh_texts(pool, 4, salt=0))
+    result = _pool_pass(
+        lambda query, q, c: rank(query, [texts[i] for i in c]),
+        pool,
+        0,
+        pool.subset(config["peer_pairs"]),
+    )
+    return {"subset_pass": result}
+
+
+def run_pool_http(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
+    """The plugin's first and warm passes through ``kalm-vllm-serve``, every query
+    of a pass in flight at once from ``clients`` concurrent clients."""
+    import asyncio
+
+    import httpx
+
+    texts = [pool.passage(i) for i in range(pool.pool)]
+    process, url = _serve(config)
+    try:
+
+        async def one_pass(round_: int, warm_up: bool = False) -> dict[str, Any]:
+            async with httpx.AsyncClient(
+                base_url=url, trust_env=False, timeout=3600
+            ) as http:
+                if warm_up:
+                    answer = await http.post(
+                        "/rerank",
+                        json={
+                            "query": pool.query(-1, 0),
+                            "documents": _fresh_texts(pool, 4, salt=0),
+                        },
+                    )
+                    answer.raise_for_status()
+                pending = list(range(pool.queries))
+                latencies: list[float] = []
+
+                async def client() -> None:
+                    while pending:
+                        q = pending.pop(0)
+                        t0 = time.perf_counter()
+                        answer = await http.post(
+                            "/rerank",
+                            json={
+                                "query": pool.query(round_, q),
+                                "documents": [texts[i] for i in pool.candidates(q)],
+                            },
+                        )
+                        answer.raise_for_status()
+                        latencies.append(time.perf_counter() - t0)
+
+                started = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(config["clients"])))
+                seconds = time.perf_counter() - started
+            pairs = pool.queries * pool.documents
+            return {
+                "pairs": pairs,
+                "calls": pool.queries,
+                "seconds": seconds,
+                "pairs_per_s": pairs / seconds,
+                "rank_latency_s": _summary(latencies),
+            }
+
+        first = asyncio.run(one_pass(0, warm_up=True))
+        health = httpx.get(url + "/health", trust_env=False).json()
+        warm = asyncio.run(one_pass(1))
+        return {
+            "first_pass": first,
+            "warm_pass": warm,
+            "health_after_first": health,
+            "clients": config["clients"],
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
+def _serve(config: dict[str, Any]) -> tuple[Any, str]:
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kalm_t5gemma2_vllm_plugin.cli.serve",
+            "--model",
+            config["checkpoint"],
+            "--port",
+            str(port),
+            "--dtype",
+            config["dtype"],
+            "--encoder-chunk-size",
+            str(config["chunk_size"]),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=sys.stderr,
+        stderr=sys.stderr,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kalm-vllm-serve exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", trust_env=False).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError("kalm-vllm-serve did not become healthy")
 
 
 # GEMM shapes of the models' linear layers (tokens x in -> out), large enough
@@ -257,6 +530,16 @@ RUNNERS: dict[str, Callable[[dict[str, Any], Workload], dict[str, Any]]] = {
     "matmul": run_matmul,
 }
 
+POOL_RUNNERS: dict[str, Callable[[dict[str, Any], SharedPool], dict[str, Any]]] = {
+    "pool-plugin": run_pool_plugin,
+    "pool-cold": run_pool_cold,
+    "pool-store-encode": run_pool_store_encode,
+    "pool-store": run_pool_store,
+    "pool-reference": run_pool_reference,
+    "pool-cross-encoder": run_pool_cross_encoder,
+    "pool-http": run_pool_http,
+}
+
 
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process, model included.
@@ -275,8 +558,10 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     config = json.loads(sys.argv[1])
-    workload = Workload(**config["workload"])
-    result = RUNNERS[config["engine"]](config, workload)
+    if "pool" in config:
+        result = POOL_RUNNERS[config["engine"]](config, SharedPool(**config["pool"]))
+    else:
+        result = RUNNERS[config["engine"]](config, Workload(**config["workload"]))
     result["peak_rss_mb"] = _peak_rss_mb()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 

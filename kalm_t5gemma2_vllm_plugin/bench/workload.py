@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 
 from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
@@ -11,7 +12,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
 )
 
-__all__ = ["Workload", "qwen3_reranker_prompt"]
+__all__ = ["SharedPool", "Workload", "qwen3_reranker_prompt"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,70 @@ def qwen3_reranker_prompt(
         f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
         "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
+
+
+@dataclass(frozen=True)
+class SharedPool:
+    """Q queries, each ranking D distinct candidates drawn from one pool of P
+    passages by Zipf popularity (passage ``i`` has weight ``1 / (i + 1) ** zipf``),
+    as a retriever's top-D over a corpus with popular passages would.
+
+    Passage texts depend only on ``(seed, doc_tokens, index)``, so every engine
+    and every D see the same pool.
+    """
+
+    queries: int
+    documents: int
+    pool: int
+    doc_tokens: int
+    query_tokens: int = 8
+    zipf: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.documents <= self.pool:
+            raise ValueError(f"documents must be in [1, pool={self.pool}]")
+
+    def passage(self, index: int) -> str:
+        return synthetic_text(self.doc_tokens, seed=self._seed(3, index))
+
+    @staticmethod
+    def passage_id(index: int) -> str:
+        return f"p{index}"
+
+    def query(self, round_: int, index: int) -> str:
+        """A fresh query text per round and index (round -1: warm-up)."""
+        return synthetic_text(self.query_tokens, seed=self._seed(1, round_ + 2, index))
+
+    def candidates(self, index: int) -> list[int]:
+        """Query ``index``'s D pool indices: weighted sampling without replacement
+        (each passage keyed by ``u ** (1 / weight)``, the D largest keys win)."""
+        rng = random.Random(self._seed(4, index, self.documents))
+        keys = [rng.random() ** ((i + 1) ** self.zipf) for i in range(self.pool)]
+        return sorted(range(self.pool), key=keys.__getitem__, reverse=True)[
+            : self.documents
+        ]
+
+    def hit_ceiling(self, queries: int | None = None) -> float:
+        """The best hit rate any cache can reach on the first ``queries`` queries:
+        every passage's first appearance must be encoded."""
+        count = self.queries if queries is None else queries
+        drawn = [i for q in range(count) for i in self.candidates(q)]
+        return 1 - len(set(drawn)) / len(drawn)
+
+    def subset(self, pairs: int) -> list[tuple[int, list[int]]]:
+        """The first ``pairs`` pairs in query order, as (query index, candidates)
+        calls shaped like the workload (the slow peers score only these)."""
+        calls, left = [], pairs
+        for q in range(self.queries):
+            if left <= 0:
+                break
+            calls.append((q, self.candidates(q)[:left]))
+            left -= self.documents
+        return calls
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def _seed(self, kind: int, a: int, b: int = 0) -> int:
+        return (self.seed * 7919 + kind) * 1_000_003 + (a + 2) * 10_007 + b
