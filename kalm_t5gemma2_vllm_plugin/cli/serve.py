@@ -1,14 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``kalm-vllm-serve``: the HTTP service (``server/``) on uvicorn."""
+"""``kalm-vllm-serve``: the HTTP service (``server/``) on uvicorn.
+
+Exit codes: 0 after a clean stop, 1 if the engine failed to start, 2 for bad
+flags, 3 after a stop that cut requests at ``--shutdown-timeout``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
-import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.cli.common import (
     add_engine_arguments,
@@ -75,6 +81,22 @@ def _parser() -> argparse.ArgumentParser:
         default=64,
         help="requests in flight before new ones get 429",
     )
+    limits.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=None,
+        help="tokens per request (as usage.prompt_tokens counts them), checked "
+        "while tokenizing: 413 beyond it (default: what --max-documents/"
+        "--max-pairs full-length pairs need)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds in-flight requests may finish in; the "
+        "rest get 503 and the exit code is 3 (default 30)",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -102,6 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KaLMInputError("--decoder-only needs --passage-store.")
         for name in ("max_documents", "max_pairs", "max_concurrent_requests"):
             check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+        if args.max_request_tokens is not None:
+            check_positive_int(args.max_request_tokens, "--max-request-tokens")
+        if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+            raise KaLMInputError(
+                f"--shutdown-timeout must be a number of seconds >= 0, got "
+                f"{args.shutdown_timeout}.",
+                field="--shutdown-timeout",
+            )
         model, model_path = resolve_cli_model(args.model)
         config = ServiceConfig(
             engine=engine_options(
@@ -113,20 +143,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_pairs=args.max_pairs,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_concurrent_requests=args.max_concurrent_requests,
+            max_request_tokens=args.max_request_tokens,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except KaLMError as exc:
         print(f"kalm-vllm-serve: error: {flag_error(exc)}", file=sys.stderr)
         return 2
 
     app = create_app(config)
-    server = uvicorn.Server(
+    server = _server_class(uvicorn.Server)(
         uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=120,
-        )
+            # Only what the drain left: answers being written, idle connections.
+            timeout_graceful_shutdown=5,
+        ),
+        app.state.drain,
     )
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     print(
@@ -140,12 +174,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # uvicorn shuts down gracefully on SIGTERM (in-flight requests finish), then
-    # re-raises the signal under the handler that was installed before it; make
-    # that a no-op so a graceful stop exits 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
-    return 1 if app.state.start_failed else 0
+    if app.state.start_failed:
+        return 1
+    return 3 if app.state.drain.dropped else 0
+
+
+def _server_class(base: type) -> type:
+    """uvicorn's ``Server``, stopping through the app's ``Drain``: a signal
+    drains (bounded by --shutdown-timeout), a second one cuts at once, and the
+    process exits when the drain is done (with the signal not re-raised, so the
+    exit code says whether requests were cut)."""
+
+    class DrainingServer(base):  # type: ignore[valid-type,misc]
+        def __init__(self, config: Any, drain: Any) -> None:
+            super().__init__(config)
+            self.drain = drain
+            self.signals = self.handled = 0
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.signals += 1  # a signal handler: the loop acts on it (on_tick)
+
+        async def on_tick(self, counter: int) -> bool:
+            while self.handled < self.signals:
+                self.handled += 1
+                self.drain.stop()
+            if self.drain.done:
+                return True
+            return bool(await super().on_tick(counter))
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ each request carries; the engine's processor keys its cache on the same ids.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +19,10 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_SYSTEM_INSTRUCTION,
     PASSAGE_MODALITY,
 )
-from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
+from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError, TooManyItemsError
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.prompt import (
+    DOCUMENT_PREFIX,
     TokenizerLike,
     decoder_prompt_ids,
     encode_document,
@@ -43,6 +46,130 @@ class DocumentId(str):
     """
 
     __slots__ = ()
+
+
+#: First guess of characters per kept token when cutting a long document.
+_CHARS_PER_TOKEN = 8
+#: How far past the wanted length a safe cut is looked for; text without one
+#: in that window (no natural text) is tokenized in full.
+_CUT_WINDOW = 1 << 16
+#: Junctions remembered per tokenizer (each costs a substring search).
+_JUNCTION_CACHE = 65536
+# Joins the vocabulary for substring searches; must occur in no token.
+_SEPARATOR = "\x00"
+
+
+class DocumentCut:
+    """Where a document may be cut before tokenizing without changing a single
+    id of the head that is kept.
+
+    A cut is safe between two characters that occur side by side in no token of
+    the vocabulary and in no added token (the raw and the normalized pair are
+    both checked). No token can then span it, so every segmentation has a
+    boundary there: BPE never merges across it, Unigram's lattice has no edge
+    over it and its best path up to it depends only on the text before it,
+    and added tokens are matched the same way on both sides. Hence
+    ``tokenize(text) == tokenize(text[:cut]) + tokenize(text[cut:])``.
+
+    The argument needs a pipeline that keeps positions: a normalizer that only
+    replaces one character by another (Gemma's ``" " -> "▁"``), at most a
+    pre-tokenizer that splits at one literal character (Gemma's split at
+    ``" "``: its pieces only add boundaries), byte fallback with all 256 byte
+    tokens (unknown characters become their own bytes, never a fused
+    ``<unk>``), a deterministic BPE without word suffixes or whole-word lookup,
+    and added tokens that strip nothing. ``for_tokenizer`` returns ``None`` for
+    anything else, and documents are tokenized in full.
+    """
+
+    def __init__(self, pieces: list[str], replace: dict[str, str]) -> None:
+        self._joined = _SEPARATOR.join(pieces)
+        self._replace = replace
+        self._safe: dict[str, bool] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> DocumentCut | None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not _splits_at_one_char(backend.pre_tokenizer):
+            return None
+        replace = _char_replacements(backend.normalizer)
+        if replace is None or not _model_keeps_positions(backend.model):
+            return None
+        added = list(backend.get_added_tokens_decoder().values())
+        if any(t.lstrip or t.rstrip or t.single_word for t in added):
+            return None
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if any(f"<0x{b:02X}>" not in vocab for b in range(256)):
+            return None
+        pieces = [*vocab, *(t.content for t in added)]
+        if any(_SEPARATOR in p for p in pieces):
+            return None
+        return cls(pieces, replace)
+
+    def find(self, text: str, start: int) -> int | None:
+        """The first safe cut in ``text`` at or after ``start`` (0 < cut <
+        len(text), within ``_CUT_WINDOW``), or ``None``."""
+        start = max(start, 1)
+        for cut in range(start, min(len(text), start + _CUT_WINDOW)):
+            if self._is_safe(text[cut - 1 : cut + 1]):
+                return cut
+        return None
+
+    def _is_safe(self, pair: str) -> bool:
+        safe = self._safe.get(pair)
+        if safe is None:
+            normal = "".join(self._replace.get(c, c) for c in pair)
+            safe = pair not in self._joined and normal not in self._joined
+            if len(self._safe) >= _JUNCTION_CACHE:
+                self._safe.clear()
+            self._safe[pair] = safe
+        return safe
+
+
+def _char_replacements(normalizer: Any) -> dict[str, str] | None:
+    """``{char: char}`` of a normalizer made only of one-character ``Replace``
+    steps (``{}`` without one); ``None`` for any other normalizer."""
+    if normalizer is None:
+        return {}
+    spec = json.loads(normalizer.__getstate__())
+    steps = spec["normalizers"] if spec.get("type") == "Sequence" else [spec]
+    replace: dict[str, str] = {}
+    for step in steps:
+        pattern = step.get("pattern", {}).get("String")
+        content = step.get("content")
+        if step.get("type") != "Replace" or pattern is None or content is None:
+            return None
+        if len(pattern) != 1 or len(content) != 1 or replace:
+            return None  # one mapping only: chained replacements could compose
+        replace[pattern] = content
+    return replace
+
+
+def _splits_at_one_char(pre_tokenizer: Any) -> bool:
+    if pre_tokenizer is None:
+        return True
+    spec = json.loads(pre_tokenizer.__getstate__())
+    pattern = spec.get("pattern", {}).get("String")
+    return bool(
+        spec.get("type") == "Split"
+        and pattern is not None
+        and len(pattern) == 1
+        and not spec.get("invert")
+    )
+
+
+def _model_keeps_positions(model: Any) -> bool:
+    kind = type(model).__name__
+    if kind == "BPE":
+        return bool(
+            model.byte_fallback
+            and not model.dropout
+            and not model.ignore_merges
+            and not model.end_of_word_suffix
+            and not model.continuing_subword_prefix
+        )
+    if kind == "Unigram":
+        return bool(json.loads(model.__getstate__()).get("byte_fallback"))
+    return False
 
 
 @dataclass(frozen=True)
@@ -71,6 +198,9 @@ class PromptBuilder:
         self.settings = settings
         self.max_model_len = max_model_len
         self.system_instruction = system_instruction
+        self._cut = DocumentCut.for_tokenizer(tokenizer)
+        # The store's shard cache is not thread-safe; builds may run in threads.
+        self._store_lock = threading.Lock()
 
     def prompt_tokens(self, instruction: str) -> int:
         """Decoder prompt tokens with this instruction and an empty query."""
@@ -108,6 +238,8 @@ class PromptBuilder:
         *,
         document_max_length: int | None = None,
         store: PassageStore | None = None,
+        max_tokens: int | None = None,
+        field: str = "pairs",
     ) -> list[EnginePrompt]:
         """Engine prompts for validated pairs, in order (one tokenization per query).
 
@@ -115,7 +247,9 @@ class PromptBuilder:
         (``UnknownDocumentError`` naming unknown ids). ``document_max_length``
         may only lower the engine's limit for text (per-request
         ``max_tokens_per_doc``); stored passages keep the length they were
-        encoded with.
+        encoded with. ``max_tokens`` bounds the request's tokens (what usage
+        reports), counted as they are made: ``TooManyItemsError`` naming
+        ``field`` and the limit stops the work at the pair that crosses it.
         """
         stored = self._stored(pairs, store)
         limit = self.settings.document_max_length
@@ -123,7 +257,8 @@ class PromptBuilder:
             limit = min(limit, document_max_length)
         decoder: dict[str, list[int]] = {}
         prompts = []
-        for query, document in pairs:
+        total = 0
+        for index, (query, document) in enumerate(pairs):
             if query not in decoder:
                 decoder[query] = decoder_prompt_ids(
                     self.tokenizer,
@@ -143,11 +278,15 @@ class PromptBuilder:
                     field="documents",
                 )
             else:
-                passage = encode_document(self.tokenizer, document, limit)
-                item, truncated, tokens = (
-                    passage.ids,
-                    passage.truncated,
-                    len(passage.ids),
+                item, truncated = self.encode_passage(document, limit)
+                tokens = len(item)
+            total += len(decoder[query]) + tokens
+            if max_tokens is not None and total > max_tokens:
+                raise TooManyItemsError(
+                    f"{field} need more than {max_tokens} tokens ({total} by "
+                    f"{field}.{index}); this server accepts at most {max_tokens} "
+                    f"tokens per request (max_request_tokens).",
+                    field=field,
                 )
             prompts.append(
                 EnginePrompt(
@@ -161,9 +300,25 @@ class PromptBuilder:
             )
         return prompts
 
-    @staticmethod
+    def encode_passage(self, document: str, limit: int) -> tuple[list[int], bool]:
+        """``encode_document``'s ids and truncation flag, tokenizing a long
+        document only up to a safe cut (``DocumentCut``) that yields ``limit``
+        tokens: the same ids, without tokenizing megabytes to keep a thousand."""
+        head = len(DOCUMENT_PREFIX)
+        want = head + limit * _CHARS_PER_TOKEN
+        while self._cut is not None and want < head + len(document):
+            cut = self._cut.find(document, want - head)
+            if cut is None:
+                break
+            passage = encode_document(self.tokenizer, document[:cut], limit)
+            if len(passage.ids) == limit:  # the rest adds tokens: it is truncated
+                return passage.ids, True
+            want = 2 * (head + cut)
+        passage = encode_document(self.tokenizer, document, limit)
+        return passage.ids, passage.truncated
+
     def _stored(
-        pairs: Sequence[tuple[str, str]], store: PassageStore | None
+        self, pairs: Sequence[tuple[str, str]], store: PassageStore | None
     ) -> dict[str, tuple[PassageRecord, Any]]:
         ids = list(dict.fromkeys(d for _, d in pairs if isinstance(d, DocumentId)))
         if not ids:
@@ -173,4 +328,6 @@ class PromptBuilder:
                 "Documents given by id need a passage store (passage_store=...).",
                 field="document_ids",
             )
-        return dict(zip(ids, store.load(ids), strict=True))
+        with self._store_lock:
+            loaded = store.load(ids)
+        return dict(zip(ids, loaded, strict=True))

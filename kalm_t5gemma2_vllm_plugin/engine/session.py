@@ -4,7 +4,9 @@
 
 ``EngineSession`` owns what both need besides the engine's submit loop: the
 checked options, the tokenizer and request builder, the passage store, the
-counters and their baseline, the vLLM engine arguments, and the shutdown.
+counters and their baseline, the vLLM engine arguments, and the shutdown,
+including the watchdog (``watchdog.py``) that stops the engine's processes
+if this process dies without closing it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     engine_dtype,
     platform_engine_kwargs,
 )
+from kalm_t5gemma2_vllm_plugin.engine.watchdog import EngineWatchdog
 from kalm_t5gemma2_vllm_plugin.errors import KaLMEngineError, KaLMInputError
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.prompt import check_yes_no_tokens
@@ -240,6 +243,7 @@ class EngineSession:
         self.store: PassageStore | None = None
         self.counters: EngineCounters | None = None
         self._shutdown: Callable[[Any], None] | None = None
+        self._watchdog: EngineWatchdog | None = None
         # An HF fast tokenizer; the prompt code types it by the calls it makes.
         tokenizer: Any = AutoTokenizer.from_pretrained(options.model_path)
         self.tokenizer = tokenizer
@@ -293,11 +297,17 @@ class EngineSession:
     ) -> Any:
         """Build the engine from the engine arguments; on failure release
         everything the session holds."""
+        watchdog = EngineWatchdog.start()
         try:
             engine = build(self.engine_args)
         except BaseException:
+            if watchdog is not None:
+                watchdog.stop()
             self._release()
             raise
+        if watchdog is not None:
+            watchdog.started()
+        self._watchdog = watchdog
         self.engine, self._shutdown = engine, shutdown
         self.dtype = engine_dtype(engine)
         # Start-up (profiling, warm-up) may run dummy passages; count from here.
@@ -319,14 +329,19 @@ class EngineSession:
         instruction: str,
         *,
         document_max_length: int | None = None,
+        max_tokens: int | None = None,
+        field: str = "pairs",
     ) -> list[EnginePrompt]:
         """Engine requests for validated pairs (documents by text or ``DocumentId``)
-        and an instruction ``instruction()`` returned."""
+        and an instruction ``instruction()`` returned; thread-safe, so callers
+        may build off their event loop. ``max_tokens``: ``PromptBuilder.build``."""
         return self.requests.build(
             pairs,
             instruction,
             document_max_length=document_max_length,
             store=self.store,
+            max_tokens=max_tokens,
+            field=field,
         )
 
     def stats(self) -> dict[str, int]:
@@ -352,6 +367,9 @@ class EngineSession:
             if engine is not None and self._shutdown is not None:
                 self._shutdown(engine)
         finally:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.stop()
             self._release()
 
     def _release(self) -> None:

@@ -38,11 +38,15 @@ def cancel_on_disconnect(
         request: Request = kwargs["raw_request"]
         work = asyncio.ensure_future(handler(*args, **kwargs))
         watch = asyncio.ensure_future(_wait_for_disconnect(request))
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
+        try:
+            done, _ = await asyncio.wait(
+                {work, watch}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:  # also when this is cancelled (a shutdown): so is the work
             watch.cancel()
+            work.cancel()  # no-op once it is done
+        if work in done:
             return work.result()
-        work.cancel()
         return Response(status_code=499)  # nobody is listening any more
 
     return wrapper

@@ -3,34 +3,41 @@
 
 Every pair of every HTTP request becomes its own engine request; vLLM's
 scheduler batches them across clients. Nothing here serialises inference or
-blocks the event loop while the engine computes.
+blocks the event loop: the engine computes in its own process, and requests
+are tokenized in a small thread pool (the tokenizer releases the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kalm_t5gemma2_vllm_plugin import errors
 from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
+from kalm_t5gemma2_vllm_plugin.engine.requests import EnginePrompt
 from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions, EngineSession
 from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     async_engine_classes,
     margin_from_encode,
     request_error_types,
 )
+from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.scores import RankResult, rank_results
 
 __all__ = ["RankOutcome", "RerankService", "ScoredPairs", "ServiceConfig"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +51,11 @@ class ServiceConfig:
     max_pairs: int = 4096
     max_body_bytes: int = 32 * 1024 * 1024
     max_concurrent_requests: int = 64
+    #: Tokens per request (usage.prompt_tokens); ``None``: what the other
+    #: limits admit, ``RerankService.max_request_tokens``.
+    max_request_tokens: int | None = None
+    #: Seconds in-flight requests may finish in after SIGTERM/SIGINT.
+    shutdown_timeout: float = 30.0
 
     @property
     def model(self) -> str:
@@ -64,6 +76,48 @@ class RankOutcome:
     num_tokens: int
 
 
+class _Builders:
+    """Threads that build requests (tokenize) off the event loop, ``size`` at
+    most at a time; a slot is freed when its thread ends, not when its request
+    is cancelled, so clients that leave cannot pile up tokenizing threads.
+    Daemon threads: a build whose request was cut must not hold up the exit
+    (``ThreadPoolExecutor`` joins its threads at interpreter exit)."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+
+    async def run(self, work: Callable[[], T]) -> T:
+        await self._slots.acquire()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def thread() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (work(), None)
+            except BaseException as exc:  # handed to the awaiting request
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: exiting
+                loop.call_soon_threadsafe(self._finish, future, *outcome)
+
+        try:
+            threading.Thread(target=thread, name="kalm-build", daemon=True).start()
+        except BaseException:
+            self._slots.release()
+            raise
+        return await future
+
+    def _finish(
+        self, future: asyncio.Future[Any], result: Any, error: BaseException | None
+    ) -> None:
+        self._slots.release()
+        if future.done():  # its request was cancelled
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 def _public_name(model: str) -> str:
     """A model as a client may see it: a local directory by its name only."""
     return Path(model).name if Path(model).expanduser().is_dir() else model
@@ -78,6 +132,8 @@ class RerankService:
         self.started_at = time.monotonic()
         self.session: EngineSession | None = None
         self._in_flight = 0
+        # Two or more, so that one huge request never holds up a small one.
+        self._builders = _Builders(max(2, min(8, os.cpu_count() or 2)))
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,6 +155,11 @@ class RerankService:
         )
         self.session = session
 
+    def begin_drain(self) -> None:
+        """Stop: /health says so and no new request is admitted."""
+        if self.state == "ready":
+            self.state = "draining"
+
     async def shutdown(self) -> None:
         session, self.session = self.session, None
         if self.state != "failed":
@@ -109,6 +170,23 @@ class RerankService:
     @property
     def dtype(self) -> str | None:
         return self.config.engine.dtype if self.session is None else self.session.dtype
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def max_request_tokens(self) -> int | None:
+        """The per-request token limit: the configured one, else the most that
+        ``max_documents``/``max_pairs`` full-length pairs need (so the default
+        refuses no request the other limits admit; lower it to bound cost)."""
+        if self.config.max_request_tokens is not None or self.session is None:
+            return self.config.max_request_tokens
+        settings, sizes = self.session.settings, self.session.sizes
+        rows = pooled_length(settings.document_max_length, settings.pool_factor)
+        # max_model_len bounds the decoder ids of any admitted pair.
+        per_pair = sizes.max_model_len - rows + settings.document_max_length
+        return max(self.config.max_documents, self.config.max_pairs) * per_pair
 
     @property
     def ready(self) -> bool:
@@ -162,6 +240,8 @@ class RerankService:
                 "max_pairs": config.max_pairs,
                 "max_body_bytes": config.max_body_bytes,
                 "max_concurrent_requests": config.max_concurrent_requests,
+                "max_request_tokens": self.max_request_tokens,
+                "shutdown_timeout": config.shutdown_timeout,
             },
         }
 
@@ -224,13 +304,20 @@ class RerankService:
         instruction: str | None,
         *,
         document_max_length: int | None = None,
+        field: str = "pairs",
     ) -> ScoredPairs:
         session = self._session()
-        prompts = session.build(
+        # Tokenizing (megabytes, at worst) runs off the event loop.
+        build = functools.partial(
+            self._build,
+            session,
             list(pairs),
-            session.instruction(instruction),
+            instruction,
             document_max_length=document_max_length,
+            max_tokens=self.max_request_tokens,
+            field=field,
         )
+        prompts = await self._builders.run(build)
         margins = await asyncio.gather(*(self._margin(p.prompt) for p in prompts))
         return ScoredPairs(
             margins=list(margins),
@@ -252,12 +339,22 @@ class RerankService:
             [(query, d) for d in documents],
             instruction,
             document_max_length=document_max_length,
+            field="documents",
         )
         return RankOutcome(
             rank_results(scored.margins, top_k=top_k, return_margin=return_margin),
             scored.truncated,
             scored.num_tokens,
         )
+
+    @staticmethod
+    def _build(
+        session: EngineSession,
+        pairs: list[tuple[str, str]],
+        instruction: str | None,
+        **options: Any,
+    ) -> list[EnginePrompt]:
+        return session.build(pairs, session.instruction(instruction), **options)
 
     def _session(self) -> EngineSession:
         if self.session is None:
