@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         help="default: float32, plus bfloat16 where the hardware has it (CUDA, "
         "AVX512-BF16 or AMX)",
     )
-    parser.add_argument("--queries", type=int, default=4, help="Q queries per repeat")
+    parser.add_argument(
+        "--queries",
+        type=int,
+        default=None,
+        help="Q queries per repeat (default 4), or per pass with --sweep (default 16)",
+    )
     parser.add_argument(
         "--documents", type=int, default=16, help="D documents per query"
     )
@@ -127,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
         help="D of the HTTP section; 0 skips it",
     )
     sweep.add_argument("--clients", type=int, default=16)
+    sweep.add_argument(
+        "--no-http-warm",
+        action="store_true",
+        help="HTTP section: the first pass only (saves a pass of Q x D pairs)",
+    )
     sweep.add_argument(
         "--plot", type=Path, help="write a PNG of pairs/s against D (needs [bench])"
     )
@@ -319,6 +329,7 @@ def _sweep(args: argparse.Namespace) -> int:
         peer_pairs=args.peer_pairs,
         long_peer_pairs=args.long_peer_pairs,
         http_documents=args.http_documents or None,
+        http_warm=not args.no_http_warm,
         clients=args.clients,
         seed=args.seed,
     )
@@ -375,6 +386,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kalm-vllm-bench``."""
     args = _parser().parse_args(argv)
+    if args.queries is None:
+        args.queries = 16 if args.sweep else 4
     if args.dtype is None:
         args.dtype = ["float32", "bfloat16"] if _native_bf16() else ["float32"]
         if len(args.dtype) == 1:

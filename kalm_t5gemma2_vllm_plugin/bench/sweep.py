@@ -14,7 +14,9 @@ printing its wall time:
                         the reference, the cross-encoder and the plugin with
                         every passage new (cold), on the first ``peer_pairs``
                         pairs only (pairs/s is per pair); the HTTP service at
-                        ``http_documents`` with ``clients`` concurrent clients.
+                        ``http_documents`` with ``clients`` concurrent clients
+                        (its first pass, and a warm pass unless
+                        ``http_warm`` is off).
   L = long_doc_tokens   the plugin cold once (one query, D fresh passages) and
                         warm once (a second query over them), and the peers on
                         ``long_peer_pairs`` pairs.
@@ -54,6 +56,7 @@ class SweepShape:
     peer_pairs: int = 64
     long_peer_pairs: int = 16
     http_documents: int | None = 100
+    http_warm: bool = True
     clients: int = 16
     seed: int = 0
 
@@ -179,7 +182,7 @@ def run_sweep(
         pool = shape.pool_for(shape.http_documents)
         short["http"] = {
             "documents": shape.http_documents,
-            **worker("pool-http", pool, clients=shape.clients),
+            **worker("pool-http", pool, clients=shape.clients, warm=shape.http_warm),
         }
         _section(f"L={shape.doc_tokens} HTTP D={shape.http_documents}", t0, wall)
     sections[str(shape.doc_tokens)] = short
@@ -255,6 +258,7 @@ def derived(report: dict[str, Any]) -> None:
             http["over_offline"] = {
                 p: http[p]["pairs_per_s"] / offline[p]["pairs_per_s"]
                 for p in ("first_pass", "warm_pass")
+                if p in http
             }
 
 
@@ -301,9 +305,13 @@ def summary_table(report: dict[str, Any]) -> str:
                 f"\nHTTP (`kalm-vllm-serve`, {http['clients']} concurrent clients, "
                 f"L={section['doc_tokens']}, D={http['documents']}): first pass "
                 f"{http['first_pass']['pairs_per_s']:.2f} pairs/s "
-                f"({ratio['first_pass']:.2f}× offline), warm "
-                f"{http['warm_pass']['pairs_per_s']:.2f} pairs/s "
-                f"({ratio['warm_pass']:.2f}× offline)."
+                f"({ratio['first_pass']:.2f}× offline)"
+                + (
+                    f", warm {http['warm_pass']['pairs_per_s']:.2f} pairs/s "
+                    f"({ratio['warm_pass']:.2f}× offline)."
+                    if "warm_pass" in http
+                    else "."
+                )
             )
         if build := section.get("store_build"):
             lines.append(

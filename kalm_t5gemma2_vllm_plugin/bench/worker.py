@@ -430,15 +430,14 @@ def run_pool_http(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
                 "rank_latency_s": _summary(latencies),
             }
 
-        first = asyncio.run(one_pass(0, warm_up=True))
-        health = httpx.get(url + "/health", trust_env=False).json()
-        warm = asyncio.run(one_pass(1))
-        return {
-            "first_pass": first,
-            "warm_pass": warm,
-            "health_after_first": health,
+        result = {
+            "first_pass": asyncio.run(one_pass(0, warm_up=True)),
+            "health_after_first": httpx.get(url + "/health", trust_env=False).json(),
             "clients": config["clients"],
         }
+        if config.get("warm", True):
+            result["warm_pass"] = asyncio.run(one_pass(1))
+        return result
     finally:
         process.terminate()
         process.wait(timeout=120)
