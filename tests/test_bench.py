@@ -118,6 +118,7 @@ def test_sweep_reports_the_shared_pool_workload(
     assert set(row["warm_over"]) == {"reference"}
     http = short["http"]
     assert http["first_pass"]["pairs"] == 12 and http["clients"] == 3
+    assert http["server_peak_rss_mb"] > 100  # the engine, not the client
     assert set(http["over_offline"]) == {"first_pass", "warm_pass"}
     # the server's own counters agree: each passage encoded once (+ 4 warm-up)
     assert http["health_after_first"]["passage_cache"]["misses"] == distinct + 4

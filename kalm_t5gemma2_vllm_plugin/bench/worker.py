@@ -437,10 +437,30 @@ def run_pool_http(config: dict[str, Any], pool: SharedPool) -> dict[str, Any]:
         }
         if config.get("warm", True):
             result["warm_pass"] = asyncio.run(one_pass(1))
+        result["server_peak_rss_mb"] = _tree_peak_rss_mb(process.pid)
         return result
     finally:
         process.terminate()
         process.wait(timeout=120)
+
+
+def _tree_peak_rss_mb(pid: int) -> float:
+    """Sum of the peak RSS of ``pid`` and its descendants (API server, engine
+    core, worker): an upper bound of the server's peak, as they peak apart."""
+    from pathlib import Path
+
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total
 
 
 def _serve(config: dict[str, Any]) -> tuple[Any, str]:
