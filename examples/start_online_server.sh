@@ -17,5 +17,6 @@ args=(
 )
 [ -n "${DTYPE:-}" ] && args+=(--dtype "$DTYPE")                      # default: bf16 on CUDA, fp32 on CPU
 [ -n "${GPU_MEMORY_UTILIZATION:-}" ] && args+=(--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION")
+[ -n "${ALLOWED_ORIGINS:-}" ] && args+=(--allowed-origins "$ALLOWED_ORIGINS")  # CORS, comma-separated
 # The API key, if any, is read from KALM_API_KEY (kept out of the process list).
 exec "$(dirname "$0")/../.venv/bin/kalm-vllm-serve" "${args[@]}"

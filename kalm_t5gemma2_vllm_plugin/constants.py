@@ -48,6 +48,15 @@ DEFAULT_PASSAGE_CACHE_MB = 1024.0
 DECODER_PAD_TO_MULTIPLE_OF = 8
 SUPPORTED_ENCODER_CHUNK_SIZES = (1, 2, 4, 8, 16, 32)
 
+# --- HTTP connections (kalm-vllm-serve) ---------------------------------------------
+#: Request line plus headers, in bytes: 4x what browsers and SDKs send at most.
+DEFAULT_HTTP_MAX_HEADER_BYTES = 64 * 1024
+#: Seconds a request (line, headers, body) may take to arrive: a 32 MiB body
+#: needs ~0.6 MB/s.
+DEFAULT_HTTP_READ_TIMEOUT = 60.0
+#: uvicorn's default: seconds an idle keep-alive connection stays open.
+DEFAULT_HTTP_KEEP_ALIVE = 5
+
 # --- sample (model card) -------------------------------------------------------------
 SAMPLE_QUERY = "What is the capital of China?"
 SAMPLE_DOCUMENTS = (

@@ -102,7 +102,13 @@ class KaLMEngineError(KaLMError, RuntimeError):
 
 
 class EngineUnavailableError(KaLMEngineError):
-    """The engine is starting, stopped or dead; the request may be retried."""
+    """The engine is starting, stopped or dead; the request may be retried,
+    after ``retry_after`` seconds when that is known to help (starting,
+    draining)."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class OverloadedError(KaLMEngineError):

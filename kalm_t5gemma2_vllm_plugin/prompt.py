@@ -86,11 +86,22 @@ def truncate_query(tokenizer: TokenizerLike, query: str, max_length: int) -> str
     is filled in; the rest of the decoder prompt is never cut. The round trip
     runs even for short queries, as in the original implementation, so a
     tokenizer that normalises text (e.g. a literal "▁") is treated the same way.
+
+    A cut inside a character (a byte-fallback run cut mid-sequence) would
+    decode to one U+FFFD per byte, which re-encodes to up to 3x the tokens: the
+    cut then moves back, one token at a time, until the text it gives encodes
+    to at most ``max_length`` tokens. (The original implementation does not
+    check this; on the inputs where the two differ its query is garbage.)
     """
     ids = _ids(tokenizer, query)
-    return tokenizer.decode(
-        ids[:max_length], skip_special_tokens=False, clean_up_tokenization_spaces=False
-    )
+    keep = min(len(ids), max_length)
+    while True:
+        text = tokenizer.decode(
+            ids[:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        if keep == len(ids) or keep == 0 or len(_ids(tokenizer, text)) <= max_length:
+            return text
+        keep -= 1
 
 
 def decoder_prompt_ids(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,7 +20,9 @@ __all__ = [
     "check_positive_int",
     "check_str",
     "check_top_k",
+    "json_echo_problem",
     "json_unicode_problem",
+    "lenient_bool",
     "parse_chunk_size",
     "parse_dtype",
     "read_jsonl",
@@ -205,6 +208,58 @@ def json_unicode_problem(value: Any) -> str | None:
         if (problem := unicode_problem(text)) is not None:
             return f"{problem} ({where})" if where else problem
     return None
+
+
+#: Deepest nesting of a JSON value that is echoed back (a ``/score`` id); far
+#: beyond any real id, far below what pydantic's serializer refuses (~255).
+MAX_ECHO_DEPTH = 64
+
+
+def json_echo_problem(value: Any, max_depth: int = MAX_ECHO_DEPTH) -> str | None:
+    """Why a JSON value from a request cannot be written back unchanged, or
+    ``None``: a lone surrogate, NaN or Infinity (JSON has neither; it would
+    come back as ``null``), or nesting deeper than ``max_depth``. No recursion,
+    so any depth is safe to check.
+
+    Example:
+        >>> json_echo_problem({"a": [1, float("nan")]})
+        'must not hold NaN or Infinity, which JSON cannot represent (at a.1)'
+        >>> json_echo_problem([[["x"]]], max_depth=2)
+        'is nested more than 2 levels deep'
+    """
+    stack: list[tuple[str, int, Any]] = [("", 0, value)]
+    while stack:
+        path, depth, item = stack.pop()
+        where = f" (at {path})" if path else ""
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"must not hold NaN or Infinity, which JSON cannot represent{where}"
+        if isinstance(item, dict | list | tuple):
+            if depth >= max_depth:
+                return f"is nested more than {max_depth} levels deep"
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend(
+                (f"{path}.{key}" if path else str(key), depth + 1, child)
+                for key, child in children
+            )
+    return json_unicode_problem(value)
+
+
+#: The strings read as booleans; only JSON's own words, so that a typo or a
+#: "yes" still fails loudly.
+_BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+def lenient_bool(value: Any) -> Any:
+    """``"true"``/``"false"`` (any case, as some clients send JSON booleans)
+    as bools; anything else unchanged, for the strict check after it.
+
+    Example:
+        >>> lenient_bool("True"), lenient_bool(" false"), lenient_bool("maybe")
+        (True, False, 'maybe')
+    """
+    if isinstance(value, str):
+        return _BOOLEAN_WORDS.get(value.strip().lower(), value)
+    return value
 
 
 def check_json_output(value: Any, name: str) -> None:

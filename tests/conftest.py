@@ -18,12 +18,70 @@ os.environ.setdefault("VLLM_PLUGINS", "kalm_t5gemma2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from tests.helpers import corpus_docs, run_encode, write_corpus  # noqa: E402
+
+# --- opt-in tiers -----------------------------------------------------------------
+#: Marker -> the environment variable that also turns the tier on. A plain
+#: ``pytest`` collects these tests and skips them; ``-m <tier>`` (any -m
+#: expression naming the marker that still selects them) or ``VAR=1`` runs them.
+OPT_IN_TIERS = {
+    "compat": "KALM_COMPAT",  # downloads two vLLM wheels on a cold cache
+    "clients": "KALM_CLIENTS",  # installs six client venvs on a cold cache
+    "fuzz": "KALM_FUZZ",  # installs schemathesis in its own venv
+    "bench": "KALM_BENCH",  # kalm-vllm-bench end to end (minutes)
+}
+_TIMINGS = pytest.StashKey[list[str]]()
+_STARTED = pytest.StashKey[float]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_TIMINGS] = []
+    config.stash[_STARTED] = time.monotonic()
+
+
+def _tier_requested(config: pytest.Config, tier: str) -> bool:
+    markexpr = config.getoption("markexpr") or ""
+    return bool(re.search(rf"\b{tier}\b", markexpr)) or (
+        os.environ.get(OPT_IN_TIERS[tier]) == "1"
+    )
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    for tier, variable in OPT_IN_TIERS.items():
+        if _tier_requested(config, tier):
+            continue
+        skip = pytest.mark.skip(
+            reason=f"{tier} tier: run with -m {tier} or {variable}=1"
+        )
+        for item in items:
+            if item.get_closest_marker(tier):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tier_timing(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record one line for the end-of-run summary of a tier's times."""
+    return request.config.stash[_TIMINGS].append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = terminalreporter.config.stash[_TIMINGS]
+    if not lines:
+        return
+    wall = time.monotonic() - terminalreporter.config.stash[_STARTED]
+    terminalreporter.section("tier times")
+    for line in lines:
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"wall time of the run: {wall:.1f} s")
 
 
 @pytest.fixture(scope="session")

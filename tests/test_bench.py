@@ -9,7 +9,7 @@ import pytest
 from kalm_t5gemma2_vllm_plugin.bench import ENGINES
 from kalm_t5gemma2_vllm_plugin.cli.bench import main
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.bench]
 
 ENGINE_FIELDS = {
     "pairs_per_s",

@@ -23,7 +23,12 @@ from kalm_t5gemma2_vllm_plugin.cli.common import (
     flag_error,
     resolve_cli_model,
 )
-from kalm_t5gemma2_vllm_plugin.constants import ENV_API_KEY
+from kalm_t5gemma2_vllm_plugin.constants import (
+    DEFAULT_HTTP_KEEP_ALIVE,
+    DEFAULT_HTTP_MAX_HEADER_BYTES,
+    DEFAULT_HTTP_READ_TIMEOUT,
+    ENV_API_KEY,
+)
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
 from kalm_t5gemma2_vllm_plugin.validation import check_positive_int
 
@@ -90,6 +95,39 @@ def _parser() -> argparse.ArgumentParser:
         "--max-pairs full-length pairs need)",
     )
     parser.add_argument(
+        "--allowed-origins",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="browser origins CORS admits (repeatable or comma-separated; '*' "
+        "for any); default: none, CORS off",
+    )
+    http = parser.add_argument_group("HTTP connection limits")
+    http.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=int,
+        default=DEFAULT_HTTP_MAX_HEADER_BYTES,
+        metavar="BYTES",
+        help="largest request line plus headers; 431 beyond it (default "
+        f"{DEFAULT_HTTP_MAX_HEADER_BYTES})",
+    )
+    http.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=DEFAULT_HTTP_READ_TIMEOUT,
+        metavar="S",
+        help="seconds a request (headers and body) may take to arrive; then 408 "
+        f"and the connection is closed (default {DEFAULT_HTTP_READ_TIMEOUT:g})",
+    )
+    http.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=DEFAULT_HTTP_KEEP_ALIVE,
+        metavar="S",
+        help=f"seconds an idle keep-alive connection stays open (default "
+        f"{DEFAULT_HTTP_KEEP_ALIVE})",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -117,13 +155,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from kalm_t5gemma2_vllm_plugin.server import create_app
+    from kalm_t5gemma2_vllm_plugin.server.protocol import uvicorn_options
     from kalm_t5gemma2_vllm_plugin.server.service import ServiceConfig
 
     try:
         if args.decoder_only and not args.passage_store:
             raise KaLMInputError("--decoder-only needs --passage-store.")
-        for name in ("max_documents", "max_pairs", "max_concurrent_requests"):
+        for name in (
+            "max_documents",
+            "max_pairs",
+            "max_concurrent_requests",
+            "h11_max_incomplete_event_size",
+            "timeout_keep_alive",
+        ):
             check_positive_int(getattr(args, name), f"--{name.replace('_', '-')}")
+        if not (
+            math.isfinite(args.request_read_timeout) and args.request_read_timeout > 0
+        ):
+            raise KaLMInputError(
+                f"--request-read-timeout must be a number of seconds > 0, got "
+                f"{args.request_read_timeout}.",
+                field="--request-read-timeout",
+            )
         if args.max_request_tokens is not None:
             check_positive_int(args.max_request_tokens, "--max-request-tokens")
         if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
@@ -145,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             max_request_tokens=args.max_request_tokens,
             shutdown_timeout=args.shutdown_timeout,
+            allowed_origins=_origins(args.allowed_origins),
         )
     except KaLMError as exc:
         print(f"kalm-vllm-serve: error: {flag_error(exc)}", file=sys.stderr)
@@ -159,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=args.log_level,
             # Only what the drain left: answers being written, idle connections.
             timeout_graceful_shutdown=5,
+            **uvicorn_options(
+                read_timeout=args.request_read_timeout,
+                max_header_bytes=args.h11_max_incomplete_event_size,
+                keep_alive=args.timeout_keep_alive,
+            ),
         ),
         app.state.drain,
     )
@@ -169,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"document_max_length={config.engine.settings.document_max_length} "
         f"encoder_chunk_size={config.engine.settings.chunk_size} "
         f"max_model_len={config.engine.max_model_len or 'derived'}"
-        f"\nauth: {'on' if config.api_key else 'off'}\n"
+        f"\nauth: {'on' if config.api_key else 'off'}"
+        f" cors: {','.join(config.allowed_origins) or 'off'}\n"
         f"listen: http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
@@ -178,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if app.state.start_failed:
         return 1
     return 3 if app.state.drain.dropped else 0
+
+
+def _origins(given: list[str] | None) -> list[str]:
+    return [o.strip() for arg in given or [] for o in arg.split(",") if o.strip()]
 
 
 def _server_class(base: type) -> type:

@@ -19,7 +19,12 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     PLUGIN_NAME,
 )
 from kalm_t5gemma2_vllm_plugin.cpu_tuning import keep_torch_threads
-from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError, KaLMEngineError
+from kalm_t5gemma2_vllm_plugin.errors import (
+    KaLMConfigError,
+    KaLMEngineError,
+    KaLMError,
+    KaLMInputError,
+)
 
 __all__ = [
     "SUPPORTED_VLLM",
@@ -32,6 +37,7 @@ __all__ = [
     "margin_from_encode",
     "platform_engine_kwargs",
     "request_error_types",
+    "request_failure",
     "shutdown_llm",
     "support_line",
 ]
@@ -177,7 +183,7 @@ def shutdown_llm(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def async_engine_classes() -> tuple[type, type, type]:
+def async_engine_classes() -> tuple[Any, Any, type[BaseException]]:
     """``(AsyncEngineArgs, AsyncLLM, EngineDeadError)``; the same paths 0.32-0.34."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -196,6 +202,26 @@ def request_error_types() -> tuple[type[BaseException], ...]:
     from vllm.exceptions import VLLMClientError
 
     return (ValueError, VLLMClientError)
+
+
+def request_failure(exc: BaseException) -> KaLMError:
+    """What a failed ``AsyncLLM.encode`` call means for its caller, decided by
+    the root of ``exc``'s ``__cause__`` chain: an input error (the plugin's own
+    ``KaLMInputError`` from its processor, or one of ``request_error_types``)
+    is the caller's fault, with that error's message; anything else is the
+    engine's, its details left to the log.
+
+    0.32-0.34: ``encode`` re-raises ``VLLMClientError`` as it is and wraps any
+    other exception in ``EngineGenerateError`` (``raise ... from e``).
+    """
+    root = exc
+    seen = {id(root)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    if isinstance(root, request_error_types()):
+        return KaLMInputError(str(root), field=getattr(root, "field", None))
+    return KaLMEngineError(f"The engine failed on a request ({type(root).__name__}).")
 
 
 def margin_from_classify(output: Any) -> float:

@@ -12,33 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException
 
 from kalm_t5gemma2_vllm_plugin import __version__
-from kalm_t5gemma2_vllm_plugin.server.errors import (
-    install_error_handlers,
-    json_error_bytes,
-)
+from kalm_t5gemma2_vllm_plugin.server.errors import install_error_handlers
 from kalm_t5gemma2_vllm_plugin.server.metrics import ServiceMetrics
+from kalm_t5gemma2_vllm_plugin.server.middleware import (
+    GuardMiddleware,
+    JSONCORSMiddleware,
+    RequestIdMiddleware,
+)
+from kalm_t5gemma2_vllm_plugin.server.openapi import install_openapi
 from kalm_t5gemma2_vllm_plugin.server.routes import router
 from kalm_t5gemma2_vllm_plugin.server.service import RerankService, ServiceConfig
+from kalm_t5gemma2_vllm_plugin.server.tei import router as tei_router
 
 __all__ = ["ServiceConfig", "create_app"]
 
 logger = logging.getLogger(__name__)
+#: Routes metrics are labelled by; any other path counts as "other".
 _ROUTES = {
     "/health",
     "/rerank",
     "/v1/rerank",
     "/v2/rerank",
     "/score",
+    "/v1/models",
     "/metrics",
+    "/info",
     "/docs",
     "/openapi.json",
 }
@@ -75,18 +78,30 @@ def create_app(config: ServiceConfig, service: RerankService | None = None) -> F
     app.state.drain = drain
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tei_router)
+    install_openapi(app, keyed=bool(service.config.api_key))
+    # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(
-        _GuardMiddleware,  # type: ignore[arg-type]
+        GuardMiddleware,  # type: ignore[arg-type]
         service=service,
         metrics=metrics,
         drain=drain,
+        routes=_ROUTES,
     )
+    if service.config.allowed_origins:
+        # Outside the guard: a browser's preflight carries no key.
+        app.add_middleware(
+            JSONCORSMiddleware,  # type: ignore[arg-type]
+            allow_origins=service.config.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
+    app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
     return app
 
 
-#: Seconds a client is told to wait (Retry-After) when the server is stopping:
-#: a restart takes longer than that, a balancer retries elsewhere at once.
-_RETRY_AFTER_STOPPING = 5
 #: Seconds cut requests get to unwind (engine aborts) before the exit goes on.
 _SETTLE_SECONDS = 10.0
 
@@ -179,126 +194,3 @@ async def _start(service: RerankService, app: FastAPI) -> None:
         stop = getattr(app.state, "request_shutdown", None)
         if stop is not None:
             stop()
-
-
-class _GuardMiddleware:
-    """Auth, body-size limit and per-route metrics, before any route runs.
-
-    A plain ASGI middleware, so that it also covers FastAPI's own routes
-    (``/docs``, ``/openapi.json``) and rejects oversize bodies while reading.
-    """
-
-    def __init__(
-        self, app: Any, service: RerankService, metrics: ServiceMetrics, drain: Drain
-    ) -> None:
-        self.app = app
-        self.service = service
-        self.metrics = metrics
-        self.drain = drain
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        route = path if path in _ROUTES else "other"
-        started = time.perf_counter()
-        status = {"code": 0}
-
-        async def send_and_record(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            error = self._reject(scope, path)
-            if error is not None:
-                await _send_error(send_and_record, *error)
-                return
-            if scope["method"] == "POST":
-                scope = _as_json(scope)
-            call = self.app(scope, self._limited(receive), send_and_record)
-            if await self.drain.guard(call, lambda: status["code"] != 0):
-                await _send_error(
-                    send_and_record,
-                    503,
-                    "unavailable",
-                    f"The server is shutting down; this request did not finish "
-                    f"within the {self.drain.timeout:g} s shutdown timeout.",
-                )
-        finally:
-            status["code"] = status["code"] or 500
-            if route != "/metrics":
-                self.metrics.observe(
-                    route, status["code"], time.perf_counter() - started
-                )
-
-    def _reject(self, scope: dict, path: str) -> tuple[int, str, str] | None:
-        headers = dict(scope.get("headers") or [])
-        key = self.service.config.api_key
-        if key and path != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return (
-                    401,
-                    "unauthorized",
-                    "A valid 'Authorization: Bearer <key>' header is required.",
-                )
-        length = headers.get(b"content-length")
-        if (
-            length is not None
-            and length.isdigit()
-            and int(length) > self.service.config.max_body_bytes
-        ):
-            return (
-                413,
-                "payload_too_large",
-                (
-                    f"The request body ({int(length)} bytes) exceeds "
-                    f"{self.service.config.max_body_bytes} bytes."
-                ),
-            )
-        if self.drain.draining and path not in ("/health", "/metrics"):
-            return 503, "unavailable", "The server is shutting down; retry elsewhere."
-        return None
-
-    def _limited(self, receive: Any) -> Any:
-        """Count body bytes as they arrive (covers chunked uploads); FastAPI
-        passes the HTTPException through to the error handlers."""
-        limit = self.service.config.max_body_bytes
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, f"The request body exceeds {limit} bytes.")
-            return message  # type: ignore[no-any-return]
-
-        return limited_receive
-
-
-def _as_json(scope: dict) -> dict:
-    """Every POST body here is JSON: read it as JSON even when a client (say,
-    ``curl -d``) labels it otherwise."""
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-    given = dict(scope["headers"]).get(b"content-type", b"")
-    if b"json" in given:
-        return scope
-    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-
-
-async def _send_error(send: Any, status: int, type_: str, message: str) -> None:
-    body = json_error_bytes(type_, message)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    if status == 503:
-        headers.append((b"retry-after", str(_RETRY_AFTER_STOPPING).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -1,15 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """Every error the service returns, mapped in one place to one JSON shape.
 
-Body: ``{"error": {"type", "message", "field"?}}``. Client faults are 4xx with a
-message naming the field; anything unexpected is a 500 with a generic message
-(details go to the log, never to the client).
+Body: ``{"error": {"type", "message", "field"?}, "detail": message}`` (the
+top-level ``detail`` for Jina-style clients, which read only that). Client
+faults are 4xx with a message naming the field; anything unexpected is a 500
+with a generic message (details go to the log, never to the client). The same
+body comes from the routes, the middleware (``json_error_bytes``) and the HTTP
+protocol layer (``server/protocol.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kalm_t5gemma2_vllm_plugin import errors
 
-__all__ = ["APIError", "api_error", "error_body", "install_error_handlers"]
+__all__ = [
+    "APIError",
+    "api_error",
+    "error_body",
+    "install_error_handlers",
+    "json_error_bytes",
+    "unexpected_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +71,15 @@ def api_error(exc: errors.KaLMError) -> APIError:
     """The HTTP face of one of the package's errors."""
     for kind, status, type_ in _STATUS:
         if isinstance(exc, kind):
-            headers = (
-                {"Retry-After": str(exc.retry_after)}
-                if isinstance(exc, errors.OverloadedError)
-                else None
-            )
+            retry_after = getattr(exc, "retry_after", None)
+            headers = None if retry_after is None else {"Retry-After": str(retry_after)}
             field = getattr(exc, "field", None)
             if status >= 500:  # the operator must hear of it, not only the client
                 logger.error("%s: %s", type_, exc)
             return APIError(status, type_, str(exc), field=field, headers=headers)
-    # Engine and configuration faults: a generic message, the details in the log.
-    logger.error("Engine error: %s", exc)
+    # Engine and configuration faults: a generic message, the details (with
+    # the cause chain) in the log.
+    logger.error("Engine error: %s", exc, exc_info=exc)
     message = "The engine returned an unusable result."
     if not isinstance(exc, errors.KaLMEngineError):
         message = "Internal server error."
@@ -81,7 +90,12 @@ def error_body(type_: str, message: str, field: str | None = None) -> dict[str, 
     error: dict[str, Any] = {"type": type_, "message": message}
     if field is not None:
         error["field"] = field
-    return {"error": error}
+    return {"error": error, "detail": message}
+
+
+def unexpected_error() -> APIError:
+    """The 500 for a fault nobody foresaw (its traceback goes to the log)."""
+    return APIError(500, "internal_error", "Internal server error.")
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -142,10 +156,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             field=field,
         )
     if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+        at = [p for p in first.get("loc", ()) if isinstance(p, int)]
+        where = f" at character {at[0]}" if at else ""
         return APIError(
-            400,
-            "invalid_json",
-            f"The request body is not valid JSON: {first.get('msg')}.",
+            400, "invalid_json", f"The request body is not valid JSON: {reason}{where}."
+        )
+    if not field and first.get("type") == "missing":
+        return APIError(
+            400, "invalid_json", "The request body is empty; send a JSON object."
         )
     if not field and first.get("type") in ("model_attributes_type", "dict_type"):
         return APIError(
@@ -174,22 +193,55 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-        return error_response(
-            APIError(
-                exc.status_code,
-                kinds.get(exc.status_code, "http_error"),
-                str(exc.detail),
-                headers=getattr(exc, "headers", None),
-            )
-        )
+        return error_response(_http_error(request, exc))
 
+    # A backstop only: the guard middleware (server/middleware.py) answers
+    # unexpected errors itself, so that they do not end the connection.
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("Unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal_error", "Internal server error."))
+        return error_response(unexpected_error())
 
 
-def json_error_bytes(status_type: str, message: str) -> bytes:
-    """A ready-encoded error body for the ASGI middleware (no FastAPI involved)."""
-    return json.dumps(error_body(status_type, message)).encode()
+def _http_error(request: Request, exc: StarletteHTTPException) -> APIError:
+    """Starlette's and FastAPI's own errors, said in this service's words."""
+    status, headers = exc.status_code, getattr(exc, "headers", None)
+    method, path = request.method, request.url.path
+    if status == 404:
+        return APIError(404, "not_found", f"No route {path}; see /docs.")
+    if status == 405:
+        allowed = (headers or {}).get("Allow", "")
+        return APIError(
+            405,
+            "method_not_allowed",
+            f"{method} is not allowed on {path} (allowed: {allowed}).",
+            headers=headers,
+        )
+    if status == 413:
+        return APIError(413, "payload_too_large", str(exc.detail), headers=headers)
+    if status == 400 and exc.__cause__ is not None:  # FastAPI could not parse it
+        return APIError(400, "invalid_json", _unparsable_body(exc.__cause__))
+    return APIError(status, "http_error", str(exc.detail), headers=headers)
+
+
+def _unparsable_body(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"The request body is not valid UTF-8 JSON (byte 0x"
+            f"{cause.object[cause.start]:02X} at offset {cause.start}: {cause.reason})."
+        )
+    if isinstance(cause, RecursionError):
+        return "The request body is nested too deeply to read."
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return (
+            f"The request body holds a number of more than "
+            f"{sys.get_int_max_str_digits()} digits."
+        )
+    return "The request body could not be read as JSON."
+
+
+def json_error_bytes(status_type: str, message: str, field: str | None = None) -> bytes:
+    """A ready-encoded error body for the ASGI middleware and the protocol
+    layer (no FastAPI involved)."""
+    body = error_body(status_type, message, field)
+    return json.dumps(body, separators=(",", ":")).encode()

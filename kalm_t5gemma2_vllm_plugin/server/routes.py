@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId
 from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
 from kalm_t5gemma2_vllm_plugin.server import schemas as S
+from kalm_t5gemma2_vllm_plugin.server import tei
 from kalm_t5gemma2_vllm_plugin.server.errors import APIError
 from kalm_t5gemma2_vllm_plugin.server.service import RankOutcome, RerankService
 
@@ -140,17 +141,44 @@ def _usage(num_tokens: int) -> S.Usage:
 @router.get("/health", summary="Readiness: 200 once the engine is ready, else 503")
 async def health(raw_request: Request) -> JSONResponse:
     service = _service(raw_request)
-    return JSONResponse(service.health(), status_code=200 if service.ready else 503)
+    retry = service.retry_after
+    return JSONResponse(
+        service.health(),
+        status_code=200 if service.ready else 503,
+        headers=None if service.ready or retry is None else {"Retry-After": str(retry)},
+    )
+
+
+@router.get(
+    "/v1/models",
+    response_model=S.ModelList,
+    response_model_exclude_none=True,
+    summary="The names clients may send as 'model' (OpenAI's list shape)",
+)
+async def models(raw_request: Request) -> S.ModelList:
+    service = _service(raw_request)
+    return S.ModelList(
+        data=[
+            S.ModelCard(
+                id=name, created=service.created, max_model_len=service.max_model_len
+            )
+            for name in service.listed_model_names()
+        ]
+    )
 
 
 @router.post(
     "/rerank",
-    response_model=S.RerankResponse,
+    response_model=S.RerankResponse | list[tei.TEIRank],
     response_model_exclude_none=True,
-    summary="Rank documents for a query (KaLM contract, Cohere/Jina aliases)",
+    responses=tei.RERANK_ERRORS,
+    summary="Rank documents for a query (KaLM contract, Cohere/Jina aliases, TEI)",
 )
 @cancel_on_disconnect
-async def rerank(request: S.RerankRequest, raw_request: Request) -> S.RerankResponse:
+async def rerank(body: tei.RerankBody, raw_request: Request) -> S.RerankResponse | Any:
+    request = tei.kalm_request(body)
+    if request is None:  # TEI's dialect ("texts"): its own answer and errors
+        return await tei.rerank(raw_request, body, _rank)
     service = _service(raw_request)
     outcome, texts = await _rank(
         raw_request, request, _top(request), request.return_margin

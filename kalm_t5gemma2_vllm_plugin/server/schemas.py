@@ -10,8 +10,10 @@ Three wire shapes share one scoring core:
 * ``/v1/rerank``: Jina's shape; ``/v2/rerank``: Cohere v2's shape.
 
 Unknown request fields are ignored (clients add their own), types are strict
-(no silent ``"3"`` -> ``3``), and every string the service reads is valid
-Unicode (:data:`Text`: no lone surrogate reaches a tokenizer or a response).
+(no silent ``"3"`` -> ``3``; booleans also accept ``"true"``/``"false"``, which
+some clients send), every string the service reads is valid Unicode
+(:data:`Text`: no lone surrogate reaches a tokenizer or a response), and an
+echoed ``id`` is JSON that can be written back unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictStr,
@@ -28,14 +31,21 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from kalm_t5gemma2_vllm_plugin.validation import json_unicode_problem, unicode_problem
+from kalm_t5gemma2_vllm_plugin.validation import (
+    json_echo_problem,
+    lenient_bool,
+    unicode_problem,
+)
 
 __all__ = [
     "CohereRerankRequest",
     "CohereRerankResponse",
     "DocumentObject",
+    "ErrorResponse",
+    "Flag",
     "JinaRerankRequest",
     "JinaRerankResponse",
+    "ModelList",
     "RerankRequest",
     "RerankResponse",
     "ScorePair",
@@ -51,9 +61,9 @@ def _valid_text(value: str) -> str:
     return value
 
 
-def _valid_json_text(value: Any) -> Any:
-    if (problem := json_unicode_problem(value)) is not None:
-        raise PydanticCustomError("invalid_unicode", problem)
+def _valid_echo(value: Any) -> Any:
+    if (problem := json_echo_problem(value)) is not None:
+        raise PydanticCustomError("invalid_echo", problem)
     return value
 
 
@@ -61,6 +71,9 @@ def _valid_json_text(value: Any) -> Any:
 #: ``"\ud800"`` and CESU-8 bytes decode to lone surrogates, which no tokenizer
 #: or UTF-8 encoder accepts), so a bad one is a 422 naming the field.
 Text = Annotated[StrictStr, AfterValidator(_valid_text)]
+
+#: A boolean field: JSON ``true``/``false``, or those words as strings.
+Flag = Annotated[bool, BeforeValidator(lenient_bool)]
 
 
 class _Request(BaseModel):
@@ -123,10 +136,10 @@ class RerankRequest(_RerankFields):
         None, ge=0, description="Keep the best k results (0: none; null: all)."
     )
     top_n: int | None = Field(None, ge=0, description="Alias of top_k.")
-    return_margin: bool = Field(
+    return_margin: Flag = Field(
         False, description="Also return margin = yes_logit - no_logit."
     )
-    return_documents: bool = Field(
+    return_documents: Flag = Field(
         False, description="Echo each document's text in its result."
     )
 
@@ -137,7 +150,7 @@ class JinaRerankRequest(_RerankFields):
     top_n: int | None = Field(
         None, ge=1, description="Keep the best n results (null: all)."
     )
-    return_documents: bool = Field(True, description="Echo the documents.")
+    return_documents: Flag = Field(True, description="Echo the documents.")
 
 
 class CohereRerankRequest(_RerankFields):
@@ -146,7 +159,7 @@ class CohereRerankRequest(_RerankFields):
     top_n: int | None = Field(
         None, ge=1, description="Keep the best n results (null: all)."
     )
-    return_documents: bool = Field(
+    return_documents: Flag = Field(
         False, description="Extension: echo the documents (Cohere v2 never does)."
     )
 
@@ -157,8 +170,10 @@ class ScorePair(_Request):
     document_id: Text | None = Field(
         None, description="Or: the id of a document in the passage store."
     )
-    id: Annotated[Any, AfterValidator(_valid_json_text)] = Field(
-        None, description="Echoed back in the result when given."
+    id: Annotated[Any, AfterValidator(_valid_echo)] = Field(
+        None,
+        description="Echoed back in the result when given: any JSON value "
+        "without NaN/Infinity, nested at most 64 levels.",
     )
 
     @model_validator(mode="after")
@@ -174,7 +189,7 @@ class ScoreRequest(_Request):
     model: Text | None = Field(None, description="Checked when given.")
     pairs: list[ScorePair] = Field(min_length=1, description="(query, document) pairs.")
     instruction: Text | None = Field(None, description="Task instruction.")
-    return_margin: bool = Field(False, description="Also return the margin.")
+    return_margin: Flag = Field(False, description="Also return the margin.")
 
 
 # --- responses -----------------------------------------------------------------------
@@ -267,3 +282,36 @@ class CohereRerankResponse(_Response):
     id: str
     results: list[RelevanceResult]
     meta: CohereMeta
+
+
+class ModelCard(_Response):
+    """One served model name, as OpenAI's ``GET /v1/models`` lists it."""
+
+    id: str = Field(description="A name clients may send as 'model'.")
+    object: str = "model"
+    created: int = Field(description="When this server started (Unix time).")
+    owned_by: str = "kalm"
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Response):
+    type: str = Field(description="A stable machine-readable kind, e.g. invalid_json.")
+    message: str = Field(description="What is wrong and what is allowed.")
+    field: str | None = Field(
+        None, description="The request field at fault, as a JSON path (pairs.0.id)."
+    )
+
+
+class ErrorResponse(_Response):
+    """Every 4xx and 5xx body of this service."""
+
+    error: ErrorDetail
+    detail: str = Field(
+        description="The same message, for clients that read a top-level detail "
+        "(Jina-style)."
+    )

@@ -24,20 +24,30 @@ from typing import Any, TypeVar
 
 from kalm_t5gemma2_vllm_plugin import errors
 from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
-from kalm_t5gemma2_vllm_plugin.engine.requests import EnginePrompt
+from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId, EnginePrompt
 from kalm_t5gemma2_vllm_plugin.engine.session import EngineOptions, EngineSession
 from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
     async_engine_classes,
     margin_from_encode,
-    request_error_types,
+    request_failure,
 )
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.scores import RankResult, rank_results
 
-__all__ = ["RankOutcome", "RerankService", "ScoredPairs", "ServiceConfig"]
+__all__ = [
+    "RETRY_AFTER_SECONDS",
+    "RankOutcome",
+    "RerankService",
+    "ScoredPairs",
+    "ServiceConfig",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Retry-After (seconds) on a 503 while the engine starts or the server drains:
+#: long enough not to hammer a loading engine, short enough for a balancer.
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass
@@ -56,6 +66,8 @@ class ServiceConfig:
     max_request_tokens: int | None = None
     #: Seconds in-flight requests may finish in after SIGTERM/SIGINT.
     shutdown_timeout: float = 30.0
+    #: Browser origins allowed by CORS (``["*"]``: any); empty: CORS off.
+    allowed_origins: list[str] = field(default_factory=list)
 
     @property
     def model(self) -> str:
@@ -130,6 +142,7 @@ class RerankService:
         self.config = config
         self.state = "starting"
         self.started_at = time.monotonic()
+        self.created = int(time.time())
         self.session: EngineSession | None = None
         self._in_flight = 0
         # Two or more, so that one huge request never holds up a small one.
@@ -189,6 +202,18 @@ class RerankService:
         return max(self.config.max_documents, self.config.max_pairs) * per_pair
 
     @property
+    def max_model_len(self) -> int | None:
+        """The engine's (once started), else the configured one, if any."""
+        if self.session is None:
+            return self.config.engine.max_model_len
+        return self.session.sizes.max_model_len
+
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds a refused client should wait, when waiting helps."""
+        return RETRY_AFTER_SECONDS if self.state in ("starting", "draining") else None
+
+    @property
     def ready(self) -> bool:
         return (
             self.state == "ready"
@@ -213,11 +238,7 @@ class RerankService:
             "query_max_length": settings.query_max_length,
             "document_max_length": settings.document_max_length,
             "encoder_chunk_size": settings.chunk_size,
-            "max_model_len": (
-                options.max_model_len
-                if self.session is None
-                else self.session.sizes.max_model_len
-            ),
+            "max_model_len": self.max_model_len,
             "max_num_batched_tokens": (
                 options.max_num_batched_tokens
                 if self.session is None
@@ -266,6 +287,13 @@ class RerankService:
             names = list(dict.fromkeys([model, model.rsplit("/", 1)[-1]]))
         return names
 
+    def listed_model_names(self) -> list[str]:
+        """What ``GET /v1/models`` lists: the served names, but a local
+        checkpoint directory by its last component (also served) only."""
+        if self.config.served_model_names:
+            return list(self.config.served_model_names)
+        return [_public_name(self.config.model.rstrip("/"))]
+
     def check_model(self, model: str | None) -> None:
         if model and model not in self.model_names():
             raise errors.UnknownModelError(
@@ -285,7 +313,9 @@ class RerankService:
     def admit(self) -> Iterator[None]:
         """Bound the requests in flight: beyond the limit answer 429, not a queue."""
         if not self.ready:
-            raise errors.EngineUnavailableError(f"The engine is {self.state}.")
+            raise errors.EngineUnavailableError(
+                f"The engine is {self.state}.", retry_after=self.retry_after
+            )
         if self._in_flight >= self.config.max_concurrent_requests:
             raise errors.OverloadedError(
                 f"{self._in_flight} requests are in flight (limit "
@@ -317,8 +347,19 @@ class RerankService:
             max_tokens=self.max_request_tokens,
             field=field,
         )
-        prompts = await self._builders.run(build)
-        margins = await asyncio.gather(*(self._margin(p.prompt) for p in prompts))
+        try:
+            prompts = await self._builders.run(build)
+        except errors.UnknownDocumentError as exc:
+            exc.field = _unknown_id_field(pairs, exc.ids, field)
+            raise
+        pending = [asyncio.ensure_future(self._margin(p.prompt)) for p in prompts]
+        try:
+            margins = await asyncio.gather(*pending)
+        except BaseException:  # one pair failed: the others need not be scored
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
         return ScoredPairs(
             margins=list(margins),
             truncated=[i for i, p in enumerate(prompts) if p.truncated],
@@ -373,9 +414,22 @@ class RerankService:
                 final = output
         except engine_dead as exc:
             raise errors.EngineUnavailableError("The engine has died.") from exc
-        except errors.KaLMInputError:
-            raise
-        except request_error_types() as exc:  # vLLM's own input validation
-            raise errors.KaLMInputError(str(exc)) from exc
+        except Exception as exc:
+            # vLLM wraps most input errors (its own and the processor's) in
+            # EngineGenerateError: the root cause says whose fault it is.
+            raise request_failure(exc) from exc
         assert final is not None
         return margin_from_encode(final)
+
+
+def _unknown_id_field(
+    pairs: Sequence[tuple[str, str]], unknown: list[str], field: str
+) -> str:
+    """The JSON path of the first unknown id: ``pairs.N.document_id`` on
+    ``/score``, ``document_ids.N`` on the rerank routes (ids follow texts)."""
+    ids = [(i, d) for i, (_, d) in enumerate(pairs) if isinstance(d, DocumentId)]
+    found = [(n, i) for n, (i, d) in enumerate(ids) if d in unknown]
+    if not found:
+        return "document_ids"
+    n, index = found[0]
+    return f"pairs.{index}.document_id" if field == "pairs" else f"document_ids.{n}"

@@ -38,6 +38,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from kalm_t5gemma2_vllm_plugin.constants import PASSAGE_MODALITY
 from kalm_t5gemma2_vllm_plugin.counters import EngineCounters
 from kalm_t5gemma2_vllm_plugin.cpu_tuning import tune_cpu_allocator
+from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
 from kalm_t5gemma2_vllm_plugin.t5gemma2 import (
     build_decoder,
     build_encoder,
@@ -61,7 +62,35 @@ from kalm_t5gemma2_vllm_plugin.vllm_model.processor import (
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import pack_score_text
 
-__all__ = ["KaLMT5Gemma2Reranker"]
+__all__ = ["KaLMT5Gemma2Reranker", "check_finite"]
+
+#: Elements per partial sum (a chunk whose sum is not finite is recounted).
+_FINITE_CHUNK = 1 << 24
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    """Refuse a loaded weight holding NaN or Inf (a damaged file, or a value
+    beyond the engine's dtype): such a model starts, then scores every pair
+    NaN. One pass over the weights, in chunks: a sum is NaN or infinite if
+    any term is, and on CPU it runs ~25x faster than ``isfinite`` (Nano in
+    bf16: 26 ms against 0.73 s, less than the load's own copy); a sum that
+    merely overflows is recounted.
+    float16 sums in float32, as its own range (65504) would overflow often."""
+    if not weight.is_floating_point():
+        return
+    wide = torch.float32 if weight.dtype == torch.float16 else None
+    flat = weight.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start : start + _FINITE_CHUNK]
+        total = torch.sum(chunk, dtype=wide)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(chunk).all()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise KaLMConfigError(
+                f"Checkpoint tensor {name!r} holds {bad} NaN or infinite value(s) "
+                f"(of {flat.numel()}) once loaded as {weight.dtype}: the checkpoint "
+                f"is damaged or does not fit this dtype; download or convert it "
+                f"again."
+            )
 
 
 # "LAST" keeps vLLM's causal branch, so the attn_type is honoured.
@@ -203,6 +232,7 @@ class KaLMT5Gemma2Reranker(
                     f"Checkpoint tensor {name!r} maps to unknown {target!r}."
                 )
             default_weight_loader(params[target], tensor)
+            check_finite(name, params[target])
             pages.release(tensor)
             loaded.add(target)
         missing = set(params) - loaded

@@ -140,7 +140,7 @@ def reports(
     spec: Path,
     reference: dict[str, list[float]],
     tmp_path_factory: pytest.TempPathFactory,
-    compat_timing: Callable[[str], None],
+    tier_timing: Callable[[str], None],
 ) -> Callable[[str], dict[str, Any]]:
     """``reports(tree)``: that tree's driver report. The driver runs once per
     tree; a skip or failure is kept too, so no test fetches or runs it again."""
@@ -155,11 +155,11 @@ def reports(
                 report = _run_driver(path, spec, cache_root)
             except (pytest.skip.Exception, pytest.fail.Exception) as exc:
                 done[tree] = exc
-                compat_timing(f"vllm {tree}: {str(exc)[:300]}")
+                tier_timing(f"vllm {tree}: {str(exc)[:300]}")
             else:
                 done[tree] = report
                 seconds = time.monotonic() - start
-                compat_timing(_summary(tree, report, reference, fetch, seconds))
+                tier_timing(_summary(tree, report, reference, fetch, seconds))
         outcome = done[tree]
         if isinstance(outcome, BaseException):
             raise outcome

@@ -314,24 +314,29 @@ def test_documents_by_id_mix_with_text_on_every_route(
 
 
 def test_unknown_document_ids_are_a_404_naming_them(http: httpx.Client) -> None:
-    for route, payload in (
-        ("/rerank", {"query": "q", "document_ids": ["doc-1", "nope", "gone"]}),
+    for route, payload, field in (
+        (
+            "/rerank",
+            {"query": "q", "document_ids": ["doc-1", "nope", "gone"]},
+            "document_ids.1",
+        ),
         (
             "/score",
             {
                 "pairs": [
+                    {"query": "q", "document": "text"},
                     {"query": "q", "document_id": "nope"},
                     {"query": "q", "document_id": "gone"},
                 ]
             },
+            "pairs.1.document_id",
         ),
     ):
         response = http.post(route, json=payload)
         assert response.status_code == 404, response.text
         error = response.json()["error"]
-        assert (
-            error["type"] == "document_not_found" and error["field"] == "document_ids"
-        )
+        # the first unknown id by its JSON path (F12)
+        assert error["type"] == "document_not_found" and error["field"] == field
         assert "'nope'" in error["message"] and "'gone'" in error["message"]
         assert "/" not in error["message"]  # the store by name, not by path (F14)
     both = http.post(
@@ -594,13 +599,10 @@ def test_a_lone_surrogate_in_any_string_field_is_a_422_naming_it(
     )
     field = ".".join(map(str, path))
     assert response.status_code == 422, response.text
+    message = f"{field}: must be valid Unicode text; found a lone surrogate U+D800 at character 3"
     assert response.json() == {
-        "error": {
-            "type": "invalid_request",
-            "field": field,
-            "message": f"{field}: must be valid Unicode text; found a lone "
-            "surrogate U+D800 at character 3",
-        }
+        "error": {"type": "invalid_request", "field": field, "message": message},
+        "detail": message,
     }
 
 

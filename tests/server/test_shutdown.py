@@ -106,7 +106,7 @@ def test_sigterm_cuts_what_outlasts_the_shutdown_timeout_with_503_and_exit_3(
     assert response.headers["content-type"] == "application/json"
     assert response.headers["retry-after"] == "5"
     body = response.json()
-    assert set(body) == {"error"} and body["error"]["type"] == "unavailable"
+    assert set(body) == {"error", "detail"} and body["error"]["type"] == "unavailable"
     assert (
         f"within the {SHUTDOWN_TIMEOUT} s shutdown timeout"
         in (body["error"]["message"])

@@ -62,6 +62,38 @@ def test_truncate_query_cuts_tokens_then_decodes(tokenizer) -> None:
     assert prompting.truncate_query(tokenizer, "北京 is 首都", 512) == "北京 is 首都"
 
 
+@pytest.mark.parametrize(
+    "query,kept",
+    [
+        ("北" * 200, "北" * 170),  # 600 byte tokens, the cut falls inside a character
+        ("a" + "😀" * 300, "a" + "😀" * 127),
+        ("😀" * 200, "😀" * 128),  # cuts between characters stay where they are
+        ("é" * 600, "é" * 256),
+    ],
+    ids=[
+        "cjk-cut-mid-character",
+        "emoji-cut-mid-character",
+        "emoji-aligned",
+        "latin-aligned",
+    ],
+)
+def test_a_truncated_query_holds_the_limit_even_cut_in_a_byte_fallback_run(
+    tiny_checkpoint, query: str, kept: str
+) -> None:
+    """F9: decoding a byte run cut mid-character gave one U+FFFD per byte,
+    which re-encoded to 3x the limit (1536 tokens for "北" * 200)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    truncated = prompting.truncate_query(tokenizer, query, 512)
+    assert truncated == kept
+    assert len(tokenizer(truncated, add_special_tokens=False)["input_ids"]) <= 512
+    # and the whole decoder prompt grows by no more than the limit
+    empty = prompting.decoder_prompt_ids(tokenizer, "", query_max_length=512)
+    full = prompting.decoder_prompt_ids(tokenizer, query, query_max_length=512)
+    assert len(full) - len(empty) <= 512
+
+
 def test_truncated_query_changes_only_the_query_field(tokenizer) -> None:
     ids = prompting.decoder_prompt_ids(
         tokenizer, "What is the capital of China?", query_max_length=2

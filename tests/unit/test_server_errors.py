@@ -68,3 +68,23 @@ def test_server_faults_are_500s_that_say_nothing_of_the_machine(
     mapped = api_error(error)
     assert mapped.status == 500 and mapped.type == "internal_error"
     assert "/secret" not in mapped.message
+
+
+def test_every_error_body_has_a_top_level_detail_for_jina_style_clients() -> None:
+    """Jina-pattern clients read body["detail"] and failed with KeyError."""
+    from kalm_t5gemma2_vllm_plugin.server.errors import error_body, json_error_bytes
+
+    assert error_body("invalid_request", "top_n: bad", "top_n") == {
+        "error": {"type": "invalid_request", "message": "top_n: bad", "field": "top_n"},
+        "detail": "top_n: bad",
+    }
+    assert json_error_bytes("unauthorized", "key?") == (
+        b'{"error":{"type":"unauthorized","message":"key?"},"detail":"key?"}'
+    )
+
+
+def test_a_503_says_when_to_retry_while_starting_or_draining() -> None:
+    starting = api_error(errors.EngineUnavailableError("starting", retry_after=5))
+    assert (starting.status, starting.headers) == (503, {"Retry-After": "5"})
+    died = api_error(errors.EngineUnavailableError("The engine has died."))
+    assert (died.status, died.headers) == (503, None)

@@ -7,10 +7,13 @@ import pytest
 from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError, KaLMInputTypeError
 from kalm_t5gemma2_vllm_plugin.scores import rank_results, score_from_margin
 from kalm_t5gemma2_vllm_plugin.validation import (
+    MAX_ECHO_DEPTH,
     check_documents,
     check_pairs,
     check_positive_int,
     check_top_k,
+    json_echo_problem,
+    lenient_bool,
     parse_chunk_size,
 )
 
@@ -92,3 +95,82 @@ def test_rank_results_sorts_descending_with_ties_by_index() -> None:
         r["corpus_id"] for r in rank_results([1.0, 3.0], top_k=1, return_margin=False)
     ] == [1]
     assert rank_results([1.0], top_k=0, return_margin=False) == []
+
+
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "id-1",
+        7,
+        2**80,
+        -1.5,
+        None,
+        True,
+        {"a": [1, {"b": "c"}]},
+        _nested(MAX_ECHO_DEPTH),
+    ],
+    ids=["str", "int", "bigint", "float", "null", "bool", "object", "deepest-allowed"],
+)
+def test_an_echoable_json_value_has_no_problem(value: object) -> None:
+    assert json_echo_problem(value) is None
+
+
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        (float("nan"), "must not hold NaN or Infinity"),
+        (
+            {"a": [1, float("-inf")]},
+            "must not hold NaN or Infinity, which JSON cannot represent (at a.1)",
+        ),
+        (
+            _nested(MAX_ECHO_DEPTH + 1),
+            f"is nested more than {MAX_ECHO_DEPTH} levels deep",
+        ),
+        # far beyond the recursion limit: the check itself never recurses
+        (_nested(100_000), f"is nested more than {MAX_ECHO_DEPTH} levels deep"),
+        ({"k": "\ud800"}, "lone surrogate U+D800"),
+    ],
+    ids=["nan", "inf-inside", "one-too-deep", "very-deep", "surrogate"],
+)
+def test_a_json_value_that_cannot_be_echoed_says_why(
+    value: object, problem: str
+) -> None:
+    found = json_echo_problem(value)
+    assert found is not None and problem in found
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        ("true", True),
+        ("False", False),
+        (" TRUE ", True),
+        (True, True),
+        (0, 0),
+        ("yes", "yes"),
+        ("", ""),
+    ],
+    ids=[
+        "true",
+        "False",
+        "padded",
+        "bool",
+        "int-unchanged",
+        "yes-unchanged",
+        "empty-unchanged",
+    ],
+)
+def test_lenient_bool_reads_only_the_json_words(
+    given: object, expected: object
+) -> None:
+    assert lenient_bool(given) == expected and type(lenient_bool(given)) is type(
+        expected
+    )

@@ -56,3 +56,44 @@ def test_vllm_request_errors_include_its_client_errors() -> None:
 
     assert issubclass(VLLMValidationError, vllm_compat.request_error_types())
     assert issubclass(ValueError, vllm_compat.request_error_types())
+
+
+def _raised(error: BaseException, *wrappers: type[BaseException]) -> BaseException:
+    """``error`` raised and wrapped (``raise W() from e``) as vLLM does."""
+    caught = error
+    for wrapper in wrappers:
+        try:
+            raise wrapper() from caught
+        except wrapper as exc:
+            caught = exc
+    return caught
+
+
+def test_a_request_vllm_refuses_is_the_callers_fault_even_when_wrapped() -> None:
+    """F9: AsyncLLM.encode wraps most errors in EngineGenerateError, so a
+    prompt too long for max_model_len came back as a 500."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
+
+    too_long = VLLMValidationError(
+        "This model's maximum context length is 1024 tokens."
+    )
+    for error in (too_long, _raised(too_long, ValueError, EngineGenerateError)):
+        failure = vllm_compat.request_failure(error)
+        assert type(failure) is KaLMInputError
+        assert "maximum context length is 1024" in str(failure)
+    plugin = KaLMInputError("Passage states must be finite.", field="passage_states")
+    failure = vllm_compat.request_failure(_raised(plugin, EngineGenerateError))
+    assert (str(failure), failure.field) == (str(plugin), "passage_states")
+
+
+def test_any_other_engine_failure_is_the_engines_and_names_no_detail() -> None:
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    failure = vllm_compat.request_failure(
+        _raised(RuntimeError("CUDA error at /secret/path"), EngineGenerateError)
+    )
+    assert isinstance(failure, KaLMEngineError)
+    assert str(failure) == "The engine failed on a request (RuntimeError)."

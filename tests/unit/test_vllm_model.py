@@ -95,3 +95,33 @@ def test_the_score_template_file_emits_what_pack_score_text_does() -> None:
     assert template.render(messages=messages, instruction="inst") == (
         pack_score_text("q?", "the doc", "inst")
     )
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_loaded_weight_with_nan_or_inf_is_refused_naming_the_tensor(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, bad: float
+) -> None:
+    """F13: NaN weights started "healthy" and then failed every request."""
+    from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
+    from kalm_t5gemma2_vllm_plugin.vllm_model import model
+
+    monkeypatch.setattr(model, "_FINITE_CHUNK", 7)  # the bad value in a later chunk
+    weight = torch.zeros(4, 8, dtype=dtype)
+    model.check_finite("decoder.layers.0.mlp.down_proj.weight", weight)
+    weight[3, 5] = bad
+    with pytest.raises(KaLMConfigError) as raised:
+        model.check_finite("decoder.layers.0.mlp.down_proj.weight", weight)
+    message = str(raised.value)
+    assert "'decoder.layers.0.mlp.down_proj.weight' holds 1 NaN or infinite" in message
+    assert "(of 32)" in message
+
+
+def test_large_finite_weights_whose_sum_overflows_are_not_refused() -> None:
+    from kalm_t5gemma2_vllm_plugin.vllm_model.model import check_finite
+
+    check_finite("big", torch.full((16,), 3.0e38))  # sum is inf, every value finite
+    check_finite("half", torch.full((16,), 60000.0, dtype=torch.float16))
+    check_finite("ids", torch.arange(10))  # not floating point: nothing to check
