@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["mep_pool", "pooled_length"]
+__all__ = ["mep_pool", "pooled_length", "repool"]
 
 
 def pooled_length(num_tokens: int, chunk_size: int | None) -> int:
@@ -56,3 +56,43 @@ def mep_pool(
     kept = torch.where(m.unsqueeze(-1) > 0, h, h.new_zeros(()))
     pooled = kept.sum(2) / counts.clamp(min=1).unsqueeze(-1)
     return pooled.to(hidden.dtype), (counts > 0).to(mask.dtype)
+
+
+def repool(
+    states: torch.Tensor, num_tokens: int, chunk_size: int, target: int
+) -> torch.Tensor:
+    """States pooled at ``chunk_size`` re-pooled exactly to ``target`` (a
+    multiple of it): per-request compression of cached or stored states.
+
+    Each coarse chunk is the mean of the fine chunks it covers weighted by
+    their valid tokens (``chunk_size`` each, the last one ``num_tokens`` minus
+    the rest), which is the mean of its tokens: the same as pooling the encoder
+    states at ``target`` directly, up to rounding (fine states already rounded
+    to a 16-bit dtype are the difference there).
+
+    Args:
+        states: ``[ceil(L / chunk_size), d]`` of one passage.
+        num_tokens: ``L``, the passage's valid encoder tokens.
+        chunk_size: the pooling factor of ``states``.
+        target: the wanted factor, ``chunk_size * 2**k``.
+    """
+    if target == chunk_size:
+        return states
+    import torch
+
+    fine = states.shape[0]
+    if target % chunk_size or fine != pooled_length(num_tokens, chunk_size):
+        raise ValueError(
+            f"cannot re-pool {fine} states of chunk {chunk_size} ({num_tokens} "
+            f"tokens) to chunk {target}"
+        )
+    factor = target // chunk_size
+    coarse = math.ceil(fine / factor)
+    weights = torch.full((coarse * factor,), 0.0, device=states.device)
+    weights[:fine] = float(chunk_size)
+    weights[fine - 1] = float(num_tokens - (fine - 1) * chunk_size)
+    padded = states.new_zeros(coarse * factor, states.shape[1], dtype=torch.float32)
+    padded[:fine] = states.float()
+    weights = weights.view(coarse, factor, 1)
+    summed = (padded.view(coarse, factor, -1) * weights).sum(1)
+    return (summed / weights.sum(1)).to(states.dtype)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import NotRequired, TypedDict
 
 __all__ = [
+    "BestWindow",
     "RankResult",
     "ScoreWithMargin",
     "rank_results",
@@ -15,15 +16,27 @@ __all__ = [
 ]
 
 
+class BestWindow(TypedDict):
+    """Offsets of a document's best window in the document's own tokens."""
+
+    token_start: int
+    token_end: int
+
+
 class ScoreWithMargin(TypedDict):
     score: float
     margin: float
+    windows: NotRequired[int]
+    best_window: NotRequired[BestWindow]
 
 
 class RankResult(TypedDict):
     corpus_id: int
     score: float
     margin: NotRequired[float]
+    #: With a long-document policy: windows scored and the best one.
+    windows: NotRequired[int]
+    best_window: NotRequired[BestWindow]
 
 
 def score_from_margin(margin: float) -> float:
@@ -39,9 +52,17 @@ def score_from_margin(margin: float) -> float:
 
 
 def rank_results(
-    margins: Sequence[float], *, top_k: int | None, return_margin: bool
+    margins: Sequence[float],
+    *,
+    top_k: int | None,
+    return_margin: bool,
+    windows: Sequence[tuple[int, tuple[int, int]]] | None = None,
 ) -> list[RankResult]:
-    """Records sorted by score, descending; ties keep input order (stable sort)."""
+    """Records sorted by score, descending; ties keep input order (stable sort).
+
+    ``windows``: per document, ``(windows scored, best window span)``, given
+    under a long-document policy and then reported in every record.
+    """
     order = sorted(range(len(margins)), key=lambda i: -margins[i])
     if top_k is not None:
         order = order[:top_k]
@@ -50,5 +71,9 @@ def rank_results(
         record: RankResult = {"corpus_id": i, "score": score_from_margin(margins[i])}
         if return_margin:
             record["margin"] = float(margins[i])
+        if windows is not None:
+            count, (start, end) = windows[i]
+            record["windows"] = count
+            record["best_window"] = {"token_start": start, "token_end": end}
         results.append(record)
     return results

@@ -18,6 +18,7 @@ __all__ = [
     "check_json_output",
     "check_pairs",
     "check_positive_int",
+    "check_request_chunk_size",
     "check_str",
     "check_top_k",
     "json_echo_problem",
@@ -101,6 +102,44 @@ def parse_chunk_size(value: Any, name: str = "chunk_size") -> int | None:
         raise KaLMInputError(
             f"{name} must be one of {list(SUPPORTED_ENCODER_CHUNK_SIZES)} or None "
             f"(no pooling); got {value!r}.",
+            field=name,
+        )
+    return value
+
+
+def check_request_chunk_size(
+    value: Any, engine_chunk_size: int | None, name: str = "encoder_chunk_size"
+) -> int:
+    """A request's pooling factor (per-request compression); ``None``: the
+    engine's. Pooled states at the engine's factor N re-pool exactly to any
+    multiple of N up to 32; a finer factor cannot be recovered from them."""
+    engine = engine_chunk_size or 1
+    if value is None:
+        return engine
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KaLMInputTypeError(
+            f"{name} must be an integer, got {_type_name(value)}.", field=name
+        )
+    top = SUPPORTED_ENCODER_CHUNK_SIZES[-1]
+    if value > top and value & (value - 1) == 0:
+        raise KaLMInputError(
+            f"{name}={value}: the model was trained for Matryoshka compression "
+            f"1x to {top}x ({list(SUPPORTED_ENCODER_CHUNK_SIZES)}); {value}x is "
+            f"beyond what it has seen.",
+            field=name,
+        )
+    if value not in SUPPORTED_ENCODER_CHUNK_SIZES:
+        raise KaLMInputError(
+            f"{name} must be one of {list(SUPPORTED_ENCODER_CHUNK_SIZES)}; got "
+            f"{value!r}.",
+            field=name,
+        )
+    if value % engine:
+        raise KaLMInputError(
+            f"{name}={value} is finer than this engine's chunk size {engine}: "
+            f"its passage states are pooled at {engine} and a finer size cannot "
+            f"be recovered from them. Ask for a multiple of {engine} (up to "
+            f"{top}), or start an engine with encoder chunk size {value}.",
             field=name,
         )
     return value

@@ -129,3 +129,28 @@ def test_sweep_reports_the_shared_pool_workload(
     assert set(report["wall_s"]) >= {"L=24 store build", "L=24 D=4", "total"}
     table = capsys.readouterr().out
     assert "| 24 | 4 | 3 |" in table and "HTTP (`kalm-vllm-serve`" in table
+
+
+def test_long_documents_and_compression_sections(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "long.json"
+    args = ["--preset", "tiny", "--dtype", "float32", "--queries", "2"]
+    args += ["--long-docs", "--long-docs-documents", "2", "--long-docs-length", "300"]
+    args += ["--window-tokens", "64", "--compression", "--compression-documents", "3"]
+    args += ["--doc-tokens", "40", "--workdir", str(tmp_path / "work")]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    long = report["long"]
+    # the first query encodes every window; the second finds them cached
+    assert long["cold"]["windows_encoded"] == long["cold"]["windows"] > 2
+    assert [p["windows_encoded"] for p in long["warm"]] == [0]
+    assert long["peak_rss_long_document_mb"] > 0
+    sizes = report["compression"]["sizes"]
+    assert list(sizes) == ["4", "8", "16", "32"]
+    assert sizes["4"]["max_abs_margin_diff_vs_base"] == 0.0
+    for row in sizes.values():  # fp32: re-pooling is exact up to rounding
+        assert row["max_abs_margin_diff_vs_engine_at_size"] <= 1e-4
+    assert sizes["32"]["max_abs_margin_diff_vs_base"] > 1e-4
+    printed = capsys.readouterr().out
+    assert "### Long documents" in printed and "### Compression" in printed

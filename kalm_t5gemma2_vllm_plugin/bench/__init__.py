@@ -140,6 +140,23 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--plot", type=Path, help="write a PNG of pairs/s against D (needs [bench])"
     )
+    long = parser.add_argument_group(
+        "long documents and compression (bench/long_documents.py)"
+    )
+    long.add_argument(
+        "--long-docs",
+        action="store_true",
+        help="rank long documents as windows (long_document=max), cold then warm",
+    )
+    long.add_argument("--long-docs-documents", type=int, default=8)
+    long.add_argument("--long-docs-length", type=int, default=4096)
+    long.add_argument("--window-tokens", type=int, default=1024)
+    long.add_argument(
+        "--compression",
+        action="store_true",
+        help="per-request chunk sizes from one store at --chunk-size",
+    )
+    long.add_argument("--compression-documents", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -383,6 +400,80 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _long_documents(args: argparse.Namespace) -> int:
+    from kalm_t5gemma2_vllm_plugin.bench import long_documents
+
+    paths = _checkpoints(args.preset, args.workdir, [])
+    machine = _machine()
+    print(
+        f"## kalm-vllm-bench: long documents and compression, preset "
+        f"{args.preset}, chunk {args.chunk_size}\n\n{machine['cpu']}, "
+        f"{machine['cores']} cores, {args.threads} threads, ISA "
+        f"{' '.join(machine['isa'])}; torch {machine['torch']}, vLLM "
+        f"{machine['vllm']}",
+        flush=True,
+    )
+    shape = {
+        "long": {
+            "documents": args.long_docs_documents,
+            "doc_tokens": args.long_docs_length,
+            "window_tokens": args.window_tokens,
+            "queries": args.queries,
+            "query_tokens": args.query_tokens,
+        },
+        "compression": {
+            "documents": args.compression_documents,
+            "doc_tokens": args.doc_tokens,
+            "queries": args.queries,
+            "query_tokens": args.query_tokens,
+        },
+    }
+    for dtype in args.dtype:
+        report: dict[str, Any] = {
+            "machine": machine,
+            "preset": args.preset,
+            "dtype": dtype,
+            "threads": args.threads,
+            "chunk_size": args.chunk_size,
+            "shape": shape,
+            "wall_s": {},
+        }
+        config = {
+            "checkpoint": str(paths["kalm"]),
+            "dtype": dtype,
+            "chunk_size": args.chunk_size,
+            **shape,
+        }
+        for section, wanted in (
+            ("long", args.long_docs),
+            ("compression", args.compression),
+        ):
+            if not wanted:
+                continue
+            started = time.perf_counter()
+            name = "long_documents" if section == "long" else "compression"
+            store = long_documents.store_path(args.workdir, dtype, args.chunk_size)
+            report[section] = _run_worker(
+                {**config, "section": name, "engine": name, "store": str(store)},
+                args.threads,
+            )
+            report["wall_s"][section] = time.perf_counter() - started
+            print(
+                f"[bench] {section}: {report['wall_s'][section]:.0f} s", file=sys.stderr
+            )
+        print(f"\n### {dtype}\n\n{long_documents.summary(report)}")
+        print(
+            "wall time: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in report["wall_s"].items())
+        )
+        if args.json:
+            suffix = "" if len(args.dtype) == 1 else f".{dtype}"
+            path = args.json.with_name(args.json.stem + suffix + args.json.suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kalm-vllm-bench``."""
     args = _parser().parse_args(argv)
@@ -398,6 +489,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             )
     if args.sweep:
         return _sweep(args)
+    if args.long_docs or args.compression:
+        return _long_documents(args)
     workload = Workload(
         args.queries,
         args.documents,

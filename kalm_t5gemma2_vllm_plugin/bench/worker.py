@@ -577,7 +577,11 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     config = json.loads(sys.argv[1])
-    if "pool" in config:
+    if "section" in config:  # bench/long_documents.py
+        from kalm_t5gemma2_vllm_plugin.bench import long_documents
+
+        result = getattr(long_documents, f"run_{config['section']}")(config)
+    elif "pool" in config:
         result = POOL_RUNNERS[config["engine"]](config, SharedPool(**config["pool"]))
     else:
         result = RUNNERS[config["engine"]](config, Workload(**config["workload"]))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the engine tier loads only when a command starts one
 __all__ = [
     "Output",
     "add_engine_arguments",
+    "add_long_document_arguments",
     "configure_vllm_environment",
     "flag_error",
     "flush_stdout",
@@ -63,6 +64,36 @@ def flag_error(error: Exception) -> str:
     if field in FLAGS and message.startswith(field):
         return FLAGS[field] + message[len(field) :]
     return message
+
+
+def add_long_document_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--long-document`` and its window flags (``windows.py``)."""
+    from kalm_t5gemma2_vllm_plugin.windows import (
+        DEFAULT_MAX_WINDOWS,
+        DEFAULT_WINDOW_OVERLAP,
+        LONG_DOCUMENT_POLICIES,
+    )
+
+    group = parser.add_argument_group("long documents")
+    group.add_argument(
+        "--long-document",
+        choices=LONG_DOCUMENT_POLICIES,
+        default="truncate",
+        help="a document longer than --document-max-length: keep its head "
+        "(truncate), or score its windows and keep the best (max) or the mean",
+    )
+    group.add_argument(
+        "--window-overlap",
+        type=int,
+        default=DEFAULT_WINDOW_OVERLAP,
+        help="tokens shared by neighbouring windows (at most a quarter of one)",
+    )
+    group.add_argument(
+        "--max-windows-per-document",
+        type=int,
+        default=DEFAULT_MAX_WINDOWS,
+        help="more windows than this is an error naming the document",
+    )
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,12 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_ENCODER_CHUNK_SIZE,
 )
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
+from kalm_t5gemma2_vllm_plugin.windows import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_WINDOW_OVERLAP,
+    LONG_DOCUMENT_POLICIES,
+    check_window_overlap,
+)
 
 __all__ = ["main"]
 
@@ -50,6 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine's (default: bf16 on CUDA, fp32 on CPU)",
     )
     parser.add_argument(
+        "--long-document",
+        choices=LONG_DOCUMENT_POLICIES,
+        default="truncate",
+        help="truncate: store each document's head; max or mean: store a long "
+        "document as its windows (the same for both: the policy applies when "
+        "ranking by id)",
+    )
+    parser.add_argument(
+        "--window-overlap",
+        type=int,
+        default=DEFAULT_WINDOW_OVERLAP,
+        help="tokens shared by neighbouring windows (at most a quarter of one)",
+    )
+    parser.add_argument(
+        "--max-windows-per-document",
+        type=int,
+        default=DEFAULT_MAX_WINDOWS,
+        help="a document needing more windows stops the run, naming its line",
+    )
+    parser.add_argument(
         "--skip-invalid",
         action="store_true",
         help="leave malformed rows out (and report how many) instead of stopping",
@@ -72,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunk = parse_chunk_size(args.encoder_chunk_size, "--encoder-chunk-size")
         check_positive_int(args.document_max_length, "--document-max-length")
         check_positive_int(args.batch_size, "--batch-size")
+        check_window_overlap(args.window_overlap, "--window-overlap")
+        check_positive_int(args.max_windows_per_document, "--max-windows-per-document")
         dtype = parse_dtype(args.dtype, "--dtype") or default_dtype()
         model_path = resolve_model(args.model)
         identity = StoreIdentity.for_engine(
@@ -92,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 progress=sys.stderr.isatty(),
                 invalid=invalid,
+                long_document=args.long_document,
+                window_overlap=args.window_overlap,
+                max_windows=args.max_windows_per_document,
             )
         if invalid:
             print(

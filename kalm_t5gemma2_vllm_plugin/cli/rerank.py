@@ -26,6 +26,7 @@ from typing import IO, Any
 from kalm_t5gemma2_vllm_plugin.cli.common import (
     Output,
     add_engine_arguments,
+    add_long_document_arguments,
     configure_vllm_environment,
     flag_error,
     open_output,
@@ -94,31 +95,37 @@ def _read_rows(
 
 
 def _score_rows(
-    reranker: Any, rows: list[_Row], return_margin: bool
+    reranker: Any, rows: list[_Row], args: argparse.Namespace
 ) -> list[tuple[float, dict[str, Any]]]:
     """``(margin, output record)`` per row, in row order."""
-    margins: dict[int, float] = {}
+    scored: dict[int, dict[str, Any]] = {}
     groups: dict[str | None, list[_Row]] = {}
     for row in rows:
         groups.setdefault(row.instruction, []).append(row)
     for instruction, group in groups.items():
-        values = reranker.margins(
-            [(r.query, r.document) for r in group], instruction=instruction
+        values = reranker.predict(
+            [(r.query, r.document) for r in group],
+            instruction=instruction,
+            return_margin=True,
+            **_call_options(args),
         )
-        margins.update((r.index, m) for r, m in zip(group, values, strict=True))
-    from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
+        scored.update((r.index, v) for r, v in zip(group, values, strict=True))
 
     out = []
     for row in rows:
-        margin = margins[row.index]
+        item = scored[row.index]
+        margin = item["margin"]
         record: dict[str, Any] = {
             "id": row.id,
             "query": row.query,
             "document": row.document,
-            "score": score_from_margin(margin),
+            "score": item["score"],
         }
-        if return_margin:
+        if args.return_margin:
             record["margin"] = margin
+        if "windows" in item:
+            record["windows"] = item["windows"]
+            record["best_window"] = item["best_window"]
         if row.instruction is not None:
             record["instruction"] = row.instruction
         out.append((margin, record))
@@ -149,12 +156,23 @@ def _write(out: Output, record: dict[str, Any]) -> None:
     out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-call options of ``predict``/``rank`` the flags set."""
+    return {
+        "long_document": args.long_document,
+        "window_overlap": args.window_overlap,
+        "max_windows_per_document": args.max_windows_per_document,
+        "encoder_chunk_size": args.request_chunk_size,
+    }
+
+
 def _rank_sample(reranker: Any, args: argparse.Namespace, out: Output) -> None:
     results = reranker.rank(
         SAMPLE_QUERY,
         list(SAMPLE_DOCUMENTS),
         top_k=args.top_k,
         return_margin=args.return_margin,
+        **_call_options(args),
     )
     for rank, result in enumerate(results, start=1):
         record = {
@@ -192,7 +210,7 @@ def _rerank_file(
                 else:  # score what came before it, then stop
                     error = item
                     break
-            scored = _score_rows(reranker, batch, args.return_margin)
+            scored = _score_rows(reranker, batch, args)
             if args.top_k is None:
                 for _, record in scored:
                     _write(out, record)
@@ -262,6 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip-invalid",
         action="store_true",
         help="skip malformed rows (and report how many) instead of stopping",
+    )
+    add_long_document_arguments(parser)
+    parser.add_argument(
+        "--request-chunk-size",
+        type=int,
+        default=None,
+        help="pool passages coarser than the engine (a multiple of "
+        "--encoder-chunk-size, up to 32): the engine's states are re-pooled",
     )
     add_engine_arguments(parser)
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
 )
 from kalm_t5gemma2_vllm_plugin.errors import KaLMError, KaLMInputError
 from kalm_t5gemma2_vllm_plugin.validation import check_positive_int
+from kalm_t5gemma2_vllm_plugin.windows import DEFAULT_MAX_WINDOWS
 
 __all__ = ["main"]
 
@@ -76,7 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-documents", type=int, default=4096, help="documents per rerank request"
     )
-    limits.add_argument("--max-pairs", type=int, default=4096, help="pairs per /score")
+    limits.add_argument(
+        "--max-pairs",
+        type=int,
+        default=4096,
+        help="pairs per request; each window of a long document is a pair",
+    )
+    limits.add_argument(
+        "--max-windows-per-document",
+        type=int,
+        default=DEFAULT_MAX_WINDOWS,
+        help="windows of one document (long_document max/mean): 413 beyond it",
+    )
     limits.add_argument(
         "--max-body-mb", type=float, default=32.0, help="request body size in MiB"
     )
@@ -164,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in (
             "max_documents",
             "max_pairs",
+            "max_windows_per_document",
             "max_concurrent_requests",
             "h11_max_incomplete_event_size",
             "timeout_keep_alive",
@@ -194,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=args.api_key or None,
             max_documents=args.max_documents,
             max_pairs=args.max_pairs,
+            max_windows_per_document=args.max_windows_per_document,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_concurrent_requests=args.max_concurrent_requests,
             max_request_tokens=args.max_request_tokens,

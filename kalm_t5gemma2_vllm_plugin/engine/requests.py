@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +30,17 @@ from kalm_t5gemma2_vllm_plugin.prompt import (
 )
 from kalm_t5gemma2_vllm_plugin.store.format import PassageRecord, PassageStore
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
+    CHUNK_FIELD,
+    IDS_FIELD,
     KEY_FIELD,
+    STATES_CHUNK_FIELD,
     STATES_FIELD,
+    TOKENS_FIELD,
     EngineSettings,
 )
+from kalm_t5gemma2_vllm_plugin.windows import WindowPlan, text_windows
 
-__all__ = ["DocumentId", "EnginePrompt", "PromptBuilder"]
+__all__ = ["DocumentId", "EnginePrompt", "PromptBuilder", "StoredWindow"]
 
 
 class DocumentId(str):
@@ -46,6 +51,15 @@ class DocumentId(str):
     """
 
     __slots__ = ()
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """Window ``window`` of a document the passage store holds as windows
+    (``kalm-vllm-encode --long-document max``); built by ``plan_windows``."""
+
+    id: str
+    window: int
 
 
 #: First guess of characters per kept token when cutting a long document.
@@ -240,21 +254,24 @@ class PromptBuilder:
         store: PassageStore | None = None,
         max_tokens: int | None = None,
         field: str = "pairs",
+        chunk_size: int | None = None,
     ) -> list[EnginePrompt]:
         """Engine prompts for validated pairs, in order (one tokenization per query).
 
-        A ``DocumentId`` document takes its precomputed states from ``store``
-        (``UnknownDocumentError`` naming unknown ids). ``document_max_length``
-        may only lower the engine's limit for text (per-request
-        ``max_tokens_per_doc``); stored passages keep the length they were
-        encoded with. ``max_tokens`` bounds the request's tokens (what usage
-        reports), counted as they are made: ``TooManyItemsError`` naming
-        ``field`` and the limit stops the work at the pair that crosses it.
+        A ``DocumentId`` (or ``StoredWindow``) document takes its precomputed
+        states from ``store`` (``UnknownDocumentError`` naming unknown ids).
+        ``document_max_length`` may only lower the engine's limit for text
+        (per-request ``max_tokens_per_doc``); stored passages keep the length
+        they were encoded with. ``max_tokens`` bounds the request's tokens
+        (what usage reports), counted as they are made: ``TooManyItemsError``
+        naming ``field`` and the limit stops the work at the pair that crosses
+        it. ``chunk_size``: the request's pooling factor (checked by the
+        caller; ``None``: the engine's), applied in the engine.
         """
         stored = self._stored(pairs, store)
-        limit = self.settings.document_max_length
-        if document_max_length is not None:
-            limit = min(limit, document_max_length)
+        limit = self.document_limit(document_max_length)
+        target = chunk_size or self.settings.pool_factor
+        store_chunk = None if store is None else store.identity.encoder_chunk_size
         decoder: dict[str, list[int]] = {}
         prompts = []
         total = 0
@@ -267,9 +284,15 @@ class PromptBuilder:
                     instruction=instruction,
                     system_instruction=self.system_instruction,
                 )
-            if isinstance(document, DocumentId):
-                record, states = stored[document]
-                item: Any = {STATES_FIELD: states, KEY_FIELD: record.passage_key}
+            if isinstance(document, DocumentId | StoredWindow):
+                record, states = stored[_store_key(document)]
+                item: Any = {
+                    STATES_FIELD: states,
+                    KEY_FIELD: record.passage_key,
+                    TOKENS_FIELD: record.num_tokens,
+                    STATES_CHUNK_FIELD: store_chunk or 1,
+                    CHUNK_FIELD: target,
+                }
                 truncated, tokens = record.truncated, record.num_tokens
             elif self.settings.decoder_only:
                 raise KaLMInputError(
@@ -278,8 +301,9 @@ class PromptBuilder:
                     field="documents",
                 )
             else:
-                item, truncated = self.encode_passage(document, limit)
-                tokens = len(item)
+                ids, truncated = self.encode_passage(document, limit)
+                item = {IDS_FIELD: ids, CHUNK_FIELD: target}
+                tokens = len(ids)
             total += len(decoder[query]) + tokens
             if max_tokens is not None and total > max_tokens:
                 raise TooManyItemsError(
@@ -317,17 +341,82 @@ class PromptBuilder:
         passage = encode_document(self.tokenizer, document, limit)
         return passage.ids, passage.truncated
 
-    def _stored(
-        self, pairs: Sequence[tuple[str, str]], store: PassageStore | None
-    ) -> dict[str, tuple[PassageRecord, Any]]:
+    def document_limit(self, document_max_length: int | None = None) -> int:
+        """Encoder tokens kept per text document: the engine's limit, or a
+        request's lower one."""
+        limit = self.settings.document_max_length
+        return limit if document_max_length is None else min(limit, document_max_length)
+
+    def plan_windows(
+        self,
+        pairs: Sequence[tuple[str, Any]],
+        policy: str,
+        *,
+        overlap: int,
+        max_windows: int,
+        store: PassageStore | None,
+        document_max_length: int | None = None,
+        field: Callable[[int], str] = lambda index: f"documents.{index}",
+    ) -> WindowPlan:
+        """One pair per window (``windows.py``): a text document is split
+        here, a stored one is expanded into the windows the store holds for
+        it (one for a document stored whole). ``field(index)`` names a
+        document with too many windows."""
+        limit = self.document_limit(document_max_length)
         ids = list(dict.fromkeys(d for _, d in pairs if isinstance(d, DocumentId)))
-        if not ids:
+        records = {}
+        if ids:
+            store = self._need_store(store)
+            with self._store_lock:
+                records = store.window_records(ids)
+
+        def windows(index: int, document: Any) -> list[tuple[Any, tuple[int, int]]]:
+            if isinstance(document, DocumentId):
+                return [
+                    (StoredWindow(r.id, r.window), (r.token_start, r.token_end))
+                    for r in records[document]
+                ]
+            return text_windows(
+                self.tokenizer,
+                document,
+                limit=limit,
+                overlap=overlap,
+                max_windows=max_windows,
+                cut=self._cut,
+                field=field(index),
+            )
+
+        return WindowPlan.build(pairs, policy, windows)
+
+    def _stored(
+        self, pairs: Sequence[tuple[str, Any]], store: PassageStore | None
+    ) -> dict[Any, tuple[PassageRecord, Any]]:
+        keys = list(
+            dict.fromkeys(
+                _store_key(d)
+                for _, d in pairs
+                if isinstance(d, DocumentId | StoredWindow)
+            )
+        )
+        if not keys:
             return {}
+        store = self._need_store(store)
+        with self._store_lock:
+            loaded = store.load_windows(keys)
+        return dict(zip(keys, loaded, strict=True))
+
+    @staticmethod
+    def _need_store(store: PassageStore | None) -> PassageStore:
         if store is None:
             raise KaLMInputError(
                 "Documents given by id need a passage store (passage_store=...).",
                 field="document_ids",
             )
-        with self._store_lock:
-            loaded = store.load(ids)
-        return dict(zip(ids, loaded, strict=True))
+        return store
+
+
+def _store_key(document: DocumentId | StoredWindow) -> tuple[str, int]:
+    """``(id, window)``: a ``DocumentId`` is its document's first window."""
+    if isinstance(document, StoredWindow):
+        return document.id, document.window
+    return str(document), 0

@@ -12,10 +12,12 @@ if this process dies without closing it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.constants import (
@@ -46,6 +48,7 @@ from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
 __all__ = [
     "BATCHED_TOKENS_CEILING",
     "INSTRUCTION_SLACK_TOKENS",
+    "LONG_WINDOW_WARNING",
     "EngineOptions",
     "EngineSession",
     "EngineSizes",
@@ -132,6 +135,8 @@ class EngineOptions:
             )
 
 
+#: ``document_max_length`` above which the engine warns (training used <= 512).
+LONG_WINDOW_WARNING = 1024
 #: Positions beyond the default instruction's prompt that a derived
 #: ``max_model_len`` keeps for longer per-request instructions.
 INSTRUCTION_SLACK_TOKENS = 256
@@ -167,8 +172,16 @@ def engine_sizes(
     max_model_len: int | None = None,
     max_num_batched_tokens: int | None = None,
     device: str = "cpu",
+    max_positions: int | None = None,
 ) -> EngineSizes:
     """Sizes with which no admissible request stalls and a step is not throttled.
+
+    ``document_max_length`` may reach the encoder's ``max_positions`` (the
+    checkpoint's ``max_position_embeddings``), with a warning above
+    ``LONG_WINDOW_WARNING`` tokens: the model was trained on passages of at
+    most 512. Windows of long documents (``windows.py``) and per-request
+    compression never need more than these sizes: a window is at most a
+    full-length document, and a coarser factor only makes it shorter.
 
     ``max_model_len`` covers a full-length request (pooled rows of a full
     document + full query + the prompt, plus room for longer instructions);
@@ -177,6 +190,22 @@ def engine_sizes(
     ``batch_size`` full-length requests, up to the device's ceiling. Explicit
     values too small for an admissible request are refused, naming both.
     """
+    if max_positions is not None and settings.document_max_length > max_positions:
+        raise KaLMInputError(
+            f"document_max_length={settings.document_max_length} is beyond the "
+            f"encoder's {max_positions} positions (max_position_embeddings of the "
+            f"checkpoint); lower it, or rank long documents as windows "
+            f"(long_document='max').",
+            field="document_max_length",
+        )
+    if settings.document_max_length > LONG_WINDOW_WARNING:
+        logger.warning(
+            "document_max_length=%d: KaLM-Reranker-V1 was trained on passages of "
+            "at most 512 tokens; quality beyond %d is not measured. Windows "
+            "(long_document='max') keep each passage within what it has seen.",
+            settings.document_max_length,
+            LONG_WINDOW_WARNING,
+        )
     rows = pooled_length(settings.document_max_length, settings.pool_factor)
     longest = rows + settings.query_max_length + prompt_tokens
     if max_model_len is None:
@@ -201,6 +230,19 @@ def engine_sizes(
             field="max_num_batched_tokens",
         )
     return EngineSizes(max_model_len, max_num_batched_tokens, batch_size, longest)
+
+
+def encoder_positions(model_path: str) -> int | None:
+    """The encoder's ``max_position_embeddings`` from the checkpoint's
+    config.json (``None`` when it does not say)."""
+    path = Path(model_path) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        text = config["encoder"].get("text_config", config["encoder"])
+        value = text["max_position_embeddings"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def engine_kwargs(
@@ -263,6 +305,7 @@ class EngineSession:
             max_model_len=options.max_model_len,
             max_num_batched_tokens=options.max_num_batched_tokens,
             device="cuda" if torch.cuda.is_available() else "cpu",
+            max_positions=encoder_positions(options.model_path),
         )
         self.requests.max_model_len = self.sizes.max_model_len
         logger.info("KaLM engine sizes: %s", self.sizes.describe())
@@ -331,10 +374,12 @@ class EngineSession:
         document_max_length: int | None = None,
         max_tokens: int | None = None,
         field: str = "pairs",
+        chunk_size: int | None = None,
     ) -> list[EnginePrompt]:
-        """Engine requests for validated pairs (documents by text or ``DocumentId``)
-        and an instruction ``instruction()`` returned; thread-safe, so callers
-        may build off their event loop. ``max_tokens``: ``PromptBuilder.build``."""
+        """Engine requests for validated pairs (documents by text, ``DocumentId``
+        or ``StoredWindow``) and an instruction ``instruction()`` returned;
+        thread-safe, so callers may build off their event loop. ``max_tokens``,
+        ``chunk_size``: ``PromptBuilder.build``."""
         return self.requests.build(
             pairs,
             instruction,
@@ -342,6 +387,7 @@ class EngineSession:
             store=self.store,
             max_tokens=max_tokens,
             field=field,
+            chunk_size=chunk_size,
         )
 
     def stats(self) -> dict[str, int]:

@@ -38,6 +38,7 @@ from kalm_t5gemma2_vllm_plugin.prompt import (
 from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker, Pairs
 from kalm_t5gemma2_vllm_plugin.validation import (
     check_positive_int,
+    check_request_chunk_size,
     check_str,
     parse_chunk_size,
     parse_dtype,
@@ -116,24 +117,36 @@ class KaLMReranker(MarginReranker):
         model = T5Gemma2ForConditionalGeneration.from_pretrained(path, **model_kwargs)
         self.model = model.to(self.device).eval()
 
+    def _document_limit(self) -> int:
+        return self.max_length
+
+    def _request_chunk_size(self, value: Any) -> int | None:
+        # Pooling runs per call here: any trained factor, finer ones too.
+        return None if value is None else check_request_chunk_size(value, 1)
+
     def _margins(
-        self, pairs: Pairs, instruction: str | None, batch_size: int | None
+        self,
+        pairs: Pairs,
+        instruction: str | None,
+        batch_size: int | None,
+        chunk_size: int | None,
     ) -> list[float]:
         instruction = self.instruction if instruction is None else instruction
+        chunk = self.chunk_size if chunk_size is None else chunk_size
         batch_size = batch_size or self.batch_size
         # Batch similar lengths together (as the original does), restore order after.
         order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
         margins = [0.0] * len(pairs)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            values = self._batch_margins([pairs[i] for i in batch], instruction)
+            values = self._batch_margins([pairs[i] for i in batch], instruction, chunk)
             for i, value in zip(batch, values, strict=True):
                 margins[i] = value
         return margins
 
     @torch.inference_mode()
     def _batch_margins(
-        self, pairs: list[tuple[str, str]], instruction: str
+        self, pairs: list[tuple[str, str]], instruction: str, chunk_size: int | None
     ) -> list[float]:
         tok = self.tokenizer
         encoder_ids = [
@@ -161,7 +174,7 @@ class KaLMReranker(MarginReranker):
         hidden = self.model.get_encoder()(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
         ).last_hidden_state  # [B, L, d]
-        pooled, pooled_mask = mep_pool(hidden, enc["attention_mask"], self.chunk_size)
+        pooled, pooled_mask = mep_pool(hidden, enc["attention_mask"], chunk_size)
         logits = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=pooled),
             attention_mask=pooled_mask,

@@ -30,8 +30,10 @@ from kalm_t5gemma2_vllm_plugin.scores import RankResult
 from kalm_t5gemma2_vllm_plugin.store.format import PassageStore
 from kalm_t5gemma2_vllm_plugin.validation import (
     check_documents,
+    check_request_chunk_size,
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import EngineSettings
+from kalm_t5gemma2_vllm_plugin.windows import DEFAULT_MAX_WINDOWS, WindowPlan
 
 __all__ = ["KaLMVLLMReranker"]
 
@@ -166,12 +168,18 @@ class KaLMVLLMReranker(MarginReranker):
         top_k: int | None = None,
         return_margin: bool = False,
         batch_size: int | None = None,
+        long_document: str | None = None,
+        window_overlap: int | None = None,
+        encoder_chunk_size: int | None = None,
+        max_windows_per_document: int = DEFAULT_MAX_WINDOWS,
     ) -> list[RankResult]:
         """``[{"corpus_id", "score"[, "margin"]}]`` sorted by score; ties by index.
 
         Documents come as text (``documents``) and/or by id from the passage
         store (``document_ids``); ``corpus_id`` counts ``documents`` first, then
-        ``document_ids``.
+        ``document_ids``. ``long_document``, ``window_overlap`` and
+        ``encoder_chunk_size``: see ``predict``; a document given by id has
+        the windows ``kalm-vllm-encode`` stored for it.
         """
         docs = check_documents(documents)
         ids = check_documents(document_ids, "document_ids")
@@ -182,10 +190,38 @@ class KaLMVLLMReranker(MarginReranker):
             top_k=top_k,
             return_margin=return_margin,
             batch_size=batch_size,
+            long_document=long_document,
+            window_overlap=window_overlap,
+            encoder_chunk_size=encoder_chunk_size,
+            max_windows_per_document=max_windows_per_document,
+        )
+
+    def _document_limit(self) -> int:
+        return self._open().settings.document_max_length
+
+    def _request_chunk_size(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        return check_request_chunk_size(value, self._open().settings.chunk_size)
+
+    def _plan(
+        self, pairs: Pairs, policy: str, overlap: int, max_windows: int
+    ) -> WindowPlan:
+        session = self._open()
+        return session.requests.plan_windows(
+            pairs,
+            policy,
+            overlap=overlap,
+            max_windows=max_windows,
+            store=session.store,
         )
 
     def _margins(
-        self, pairs: Pairs, instruction: str | None, batch_size: int | None
+        self,
+        pairs: Pairs,
+        instruction: str | None,
+        batch_size: int | None,
+        chunk_size: int | None,
     ) -> list[float]:
         # batch_size bounds the pairs submitted per LLM.classify call (default:
         # all at once; vLLM's scheduler batches within a call either way).
@@ -197,7 +233,9 @@ class KaLMVLLMReranker(MarginReranker):
         params = PoolingParams(use_activation=False)
         margins: list[float] = []
         for start in range(0, len(pairs), per_call):
-            built = session.build(pairs[start : start + per_call], instruction)
+            built = session.build(
+                pairs[start : start + per_call], instruction, chunk_size=chunk_size
+            )
             outputs = session.engine.classify(
                 [p.prompt for p in built], pooling_params=params, use_tqdm=False
             )

@@ -13,11 +13,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentId
-from kalm_t5gemma2_vllm_plugin.scores import score_from_margin
+from kalm_t5gemma2_vllm_plugin.scores import RankResult, score_from_margin
 from kalm_t5gemma2_vllm_plugin.server import schemas as S
 from kalm_t5gemma2_vllm_plugin.server import tei
 from kalm_t5gemma2_vllm_plugin.server.errors import APIError
-from kalm_t5gemma2_vllm_plugin.server.service import RankOutcome, RerankService
+from kalm_t5gemma2_vllm_plugin.server.service import (
+    PassageOptions,
+    RankOutcome,
+    RerankService,
+)
 
 __all__ = ["router"]
 
@@ -76,6 +80,33 @@ def _stored_id(documents: list[str], index: int) -> str | None:
     return str(documents[index]) if isinstance(documents[index], DocumentId) else None
 
 
+def _passage_options(request: S._PassageOptions) -> PassageOptions:
+    chunk, alias = request.encoder_chunk_size, request.compression_ratio
+    if None not in (chunk, alias) and chunk != alias:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"encoder_chunk_size ({chunk}) and its alias compression_ratio "
+            f"({alias}) disagree; send one of them.",
+            field="compression_ratio",
+        )
+    return PassageOptions(
+        long_document=request.long_document,
+        window_overlap=request.window_overlap,
+        encoder_chunk_size=chunk if chunk is not None else alias,
+    )
+
+
+def _windows(result: RankResult) -> dict[str, Any]:
+    """A result's window fields (long_document max/mean), else none."""
+    if "windows" not in result:
+        return {}
+    return {
+        "windows": result["windows"],
+        "best_window": S.BestWindow(**result["best_window"]),
+    }
+
+
 def _top(request: S.RerankRequest) -> int | None:
     if None not in (request.top_k, request.top_n) and request.top_k != request.top_n:
         raise APIError(
@@ -106,6 +137,7 @@ async def _rank(
             top_k=top,
             return_margin=return_margin,
             document_max_length=request.max_tokens_per_doc,
+            options=_passage_options(request),
         )
     _record(raw_request, len(texts), len(outcome.truncated))
     return outcome, texts
@@ -131,7 +163,10 @@ def _meta(outcome: RankOutcome | Any) -> S.Meta:
             f"{len(outcome.truncated)} document(s) were truncated to the "
             f"document length limit; see meta.truncated."
         )
-    return S.Meta(truncated=outcome.truncated, warnings=warnings)
+    windows = None
+    if outcome.windows is not None:
+        windows = [count for count, _ in outcome.windows]
+    return S.Meta(truncated=outcome.truncated, windows=windows, warnings=warnings)
 
 
 def _usage(num_tokens: int) -> S.Usage:
@@ -191,6 +226,7 @@ async def rerank(body: tei.RerankBody, raw_request: Request) -> S.RerankResponse
             relevance_score=r["score"],
             margin=r.get("margin"),
             document=_echo(texts, r["corpus_id"], request.return_documents),
+            **_windows(r),
         )
         for r in outcome.results
     ]
@@ -220,6 +256,7 @@ async def rerank_jina(
             document_id=_stored_id(texts, r["corpus_id"]),
             relevance_score=r["score"],
             document=_echo(texts, r["corpus_id"], request.return_documents),
+            **_windows(r),
         )
         for r in outcome.results
     ]
@@ -248,6 +285,7 @@ async def rerank_cohere(
             document_id=_stored_id(texts, r["corpus_id"]),
             relevance_score=r["score"],
             document=_echo(texts, r["corpus_id"], request.return_documents),
+            **_windows(r),
         )
         for r in outcome.results
     ]
@@ -260,6 +298,7 @@ async def rerank_cohere(
             tokens=S.CohereTokens(input_tokens=outcome.num_tokens),
             warnings=meta.warnings,
             truncated=meta.truncated,
+            windows=meta.windows,
         ),
     )
 
@@ -285,14 +324,26 @@ async def score(request: S.ScoreRequest, raw_request: Request) -> S.ScoreRespons
                 for p in request.pairs
             ],
             request.instruction,
+            options=_passage_options(request),
         )
     _record(raw_request, len(request.pairs), len(scored.truncated))
+    windows = scored.windows
     results = [
         S.ScoreResult(
             index=i,
             score=score_from_margin(m),
             id=pair.id,
             margin=m if request.return_margin else None,
+            **(
+                {}
+                if windows is None
+                else {
+                    "windows": windows[i][0],
+                    "best_window": S.BestWindow(
+                        token_start=windows[i][1][0], token_end=windows[i][1][1]
+                    ),
+                }
+            ),
         )
         for i, (pair, m) in enumerate(zip(request.pairs, scored.margins, strict=True))
     ]

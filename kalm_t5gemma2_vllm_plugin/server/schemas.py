@@ -31,11 +31,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from kalm_t5gemma2_vllm_plugin.constants import SUPPORTED_ENCODER_CHUNK_SIZES
 from kalm_t5gemma2_vllm_plugin.validation import (
     json_echo_problem,
     lenient_bool,
     unicode_problem,
 )
+from kalm_t5gemma2_vllm_plugin.windows import LONG_DOCUMENT_POLICIES
 
 __all__ = [
     "CohereRerankRequest",
@@ -104,7 +106,67 @@ Document = Annotated[
 ]
 
 
-class _RerankFields(_Request):
+def _trained_chunk_size(value: int | None) -> int | None:
+    top = SUPPORTED_ENCODER_CHUNK_SIZES[-1]
+    if value is not None and value not in SUPPORTED_ENCODER_CHUNK_SIZES:
+        beyond = (
+            f"; the model was trained for Matryoshka compression 1x to {top}x"
+            if value > top
+            else ""
+        )
+        raise PydanticCustomError(
+            "chunk_size",
+            "must be one of {allowed}{beyond}",
+            {"allowed": list(SUPPORTED_ENCODER_CHUNK_SIZES), "beyond": beyond},
+        )
+    return value
+
+
+ChunkSize = Annotated[int | None, AfterValidator(_trained_chunk_size)]
+
+
+def _policy(value: str) -> str:
+    if value not in LONG_DOCUMENT_POLICIES:
+        raise PydanticCustomError(
+            "long_document",
+            "must be one of {allowed}",
+            {"allowed": list(LONG_DOCUMENT_POLICIES)},
+        )
+    return value
+
+
+#: A long-document policy: Unicode checked first, as every string field.
+Policy = Annotated[Text, AfterValidator(_policy)]
+
+
+class _PassageOptions(_Request):
+    """How each document is read: long documents, compression."""
+
+    long_document: Policy = Field(
+        "truncate",
+        json_schema_extra={"enum": list(LONG_DOCUMENT_POLICIES)},
+        description="A document longer than the document limit: keep its head "
+        "(truncate), or score windows of it and keep the best (max) or the mean "
+        "of their margins (mean). Results then carry windows and best_window.",
+    )
+    window_overlap: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens shared by neighbouring windows (default 80, at most "
+        "a quarter of a window).",
+    )
+    encoder_chunk_size: ChunkSize = Field(
+        None,
+        description="Per-request compression: pool passages at this factor, a "
+        "multiple of the server's encoder_chunk_size up to 32 (default: the "
+        "server's). Cached and stored states are re-pooled exactly.",
+    )
+    compression_ratio: ChunkSize = Field(
+        None, description="Alias of encoder_chunk_size."
+    )
+
+
+class _RerankFields(_PassageOptions):
     model: Text | None = Field(
         None, description="Checked against the served model names when given."
     )
@@ -183,7 +245,7 @@ class ScorePair(_Request):
         return self
 
 
-class ScoreRequest(_Request):
+class ScoreRequest(_PassageOptions):
     """``POST /score``: pairs scored in input order."""
 
     model: Text | None = Field(None, description="Checked when given.")
@@ -201,7 +263,17 @@ class Meta(_Response):
     truncated: list[int] = Field(
         description="Indices of documents cut to the document length limit."
     )
+    windows: list[int] | None = Field(
+        None,
+        description="With long_document max or mean: windows scored per "
+        "document, by document index.",
+    )
     warnings: list[str] = Field(default_factory=list)
+
+
+class BestWindow(_Response):
+    token_start: int = Field(description="First token, in the document's tokens.")
+    token_end: int = Field(description="One past the last token.")
 
 
 class Usage(_Response):
@@ -216,6 +288,8 @@ class RerankResult(_Response):
     relevance_score: float = Field(description="Same as score (Cohere/Jina name).")
     margin: float | None = None
     document: DocumentEcho | None = None
+    windows: int | None = None
+    best_window: BestWindow | None = None
 
 
 class RerankResponse(_Response):
@@ -231,6 +305,8 @@ class ScoreResult(_Response):
     score: float
     id: Any = None
     margin: float | None = None
+    windows: int | None = None
+    best_window: BestWindow | None = None
 
 
 class ScoreResponse(_Response):
@@ -248,6 +324,8 @@ class RelevanceResult(_Response):
     document_id: str | None = None
     relevance_score: float
     document: DocumentEcho | None = None
+    windows: int | None = None
+    best_window: BestWindow | None = None
 
 
 class JinaRerankResponse(_Response):
@@ -276,6 +354,7 @@ class CohereMeta(_Response):
     tokens: CohereTokens
     warnings: list[str] = Field(default_factory=list)
     truncated: list[int] = Field(default_factory=list)
+    windows: list[int] | None = None
 
 
 class CohereRerankResponse(_Response):

@@ -33,9 +33,16 @@ from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
 )
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.scores import RankResult, rank_results
+from kalm_t5gemma2_vllm_plugin.validation import check_request_chunk_size
+from kalm_t5gemma2_vllm_plugin.windows import (
+    DEFAULT_MAX_WINDOWS,
+    WindowPlan,
+    check_window_overlap,
+)
 
 __all__ = [
     "RETRY_AFTER_SECONDS",
+    "PassageOptions",
     "RankOutcome",
     "RerankService",
     "ScoredPairs",
@@ -59,6 +66,9 @@ class ServiceConfig:
     api_key: str | None = None
     max_documents: int = 4096
     max_pairs: int = 4096
+    #: Windows one long document may have (``long_document`` max/mean); each
+    #: window counts as a pair against ``max_pairs``.
+    max_windows_per_document: int = DEFAULT_MAX_WINDOWS
     max_body_bytes: int = 32 * 1024 * 1024
     max_concurrent_requests: int = 64
     #: Tokens per request (usage.prompt_tokens); ``None``: what the other
@@ -79,6 +89,8 @@ class ScoredPairs:
     margins: list[float]
     truncated: list[int]
     num_tokens: int
+    #: Under a window policy: ``(windows, best span)`` per pair.
+    windows: list[tuple[int, tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -86,6 +98,16 @@ class RankOutcome:
     results: list[RankResult]
     truncated: list[int]
     num_tokens: int
+    windows: list[tuple[int, tuple[int, int]]] | None = None
+
+
+@dataclass(frozen=True)
+class PassageOptions:
+    """How a request reads its documents (``schemas._PassageOptions``)."""
+
+    long_document: str = "truncate"
+    window_overlap: int | None = None
+    encoder_chunk_size: int | None = None
 
 
 class _Builders:
@@ -259,6 +281,7 @@ class RerankService:
             "limits": {
                 "max_documents": config.max_documents,
                 "max_pairs": config.max_pairs,
+                "max_windows_per_document": config.max_windows_per_document,
                 "max_body_bytes": config.max_body_bytes,
                 "max_concurrent_requests": config.max_concurrent_requests,
                 "max_request_tokens": self.max_request_tokens,
@@ -335,20 +358,26 @@ class RerankService:
         *,
         document_max_length: int | None = None,
         field: str = "pairs",
+        options: PassageOptions = PassageOptions(),
     ) -> ScoredPairs:
         session = self._session()
+        chunk = check_request_chunk_size(
+            options.encoder_chunk_size, session.settings.chunk_size
+        )
         # Tokenizing (megabytes, at worst) runs off the event loop.
         build = functools.partial(
             self._build,
             session,
             list(pairs),
             instruction,
+            options,
             document_max_length=document_max_length,
             max_tokens=self.max_request_tokens,
             field=field,
+            chunk_size=chunk,
         )
         try:
-            prompts = await self._builders.run(build)
+            plan, prompts = await self._builders.run(build)
         except errors.UnknownDocumentError as exc:
             exc.field = _unknown_id_field(pairs, exc.ids, field)
             raise
@@ -360,10 +389,17 @@ class RerankService:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             raise
+        cut = [i for i, p in enumerate(prompts) if p.truncated]
+        tokens = sum(p.num_tokens for p in prompts)
+        if plan is None:
+            return ScoredPairs(list(margins), cut, tokens)
+        owner = [n for n, group in enumerate(plan.groups) for _ in group]
+        scores = plan.combine(margins)
         return ScoredPairs(
-            margins=list(margins),
-            truncated=[i for i, p in enumerate(prompts) if p.truncated],
-            num_tokens=sum(p.num_tokens for p in prompts),
+            margins=[s.margin for s in scores],
+            truncated=sorted({owner[i] for i in cut}),
+            num_tokens=tokens,
+            windows=[(s.windows, s.best_window) for s in scores],
         )
 
     async def rank(
@@ -375,27 +411,78 @@ class RerankService:
         top_k: int | None,
         return_margin: bool,
         document_max_length: int | None = None,
+        options: PassageOptions = PassageOptions(),
     ) -> RankOutcome:
         scored = await self.score(
             [(query, d) for d in documents],
             instruction,
             document_max_length=document_max_length,
             field="documents",
+            options=options,
         )
         return RankOutcome(
-            rank_results(scored.margins, top_k=top_k, return_margin=return_margin),
+            rank_results(
+                scored.margins,
+                top_k=top_k,
+                return_margin=return_margin,
+                windows=scored.windows,
+            ),
             scored.truncated,
             scored.num_tokens,
+            scored.windows,
         )
 
-    @staticmethod
     def _build(
+        self,
         session: EngineSession,
         pairs: list[tuple[str, str]],
         instruction: str | None,
-        **options: Any,
-    ) -> list[EnginePrompt]:
-        return session.build(pairs, session.instruction(instruction), **options)
+        options: PassageOptions,
+        *,
+        document_max_length: int | None,
+        field: str,
+        **build: Any,
+    ) -> tuple[WindowPlan | None, list[EnginePrompt]]:
+        """Engine requests (in a builder thread): one per pair, or one per
+        window under a window policy (each window counts against max_pairs)."""
+        instruction = session.instruction(instruction)
+        if options.long_document == "truncate":
+            prompts = session.build(
+                pairs,
+                instruction,
+                document_max_length=document_max_length,
+                field=field,
+                **build,
+            )
+            return None, prompts
+        plan = session.requests.plan_windows(
+            pairs,
+            options.long_document,
+            overlap=check_window_overlap(options.window_overlap),
+            max_windows=self.config.max_windows_per_document,
+            store=session.store,
+            document_max_length=document_max_length,
+            field=(
+                (lambda i: f"pairs.{i}.document")
+                if field == "pairs"
+                else (lambda i: f"{field}.{i}")
+            ),
+        )
+        if len(plan.pairs) > self.config.max_pairs:
+            raise errors.TooManyItemsError(
+                f"{field}: the documents make {len(plan.pairs)} windows; this "
+                f"server scores at most {self.config.max_pairs} pairs per request "
+                f"(max_pairs; each window is a pair).",
+                field=field,
+            )
+        prompts = session.build(
+            plan.pairs,
+            instruction,
+            document_max_length=document_max_length,
+            field=field,
+            **build,
+        )
+        return plan, prompts
 
     def _session(self) -> EngineSession:
         if self.session is None:

@@ -4,7 +4,9 @@
 Input rows are ``{"id", "text"}``. Passages already stored with the same text
 hash are skipped, changed texts are re-encoded, and every batch is committed
 durably before it is counted as written, so a killed run leaves a readable
-store and a re-run completes it.
+store and a re-run completes it. With ``long_document`` ``"max"`` or
+``"mean"`` a long document is stored as its windows (``windows.py``) under its
+id, and ranking it by id scores every window.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from kalm_t5gemma2_vllm_plugin.validation import (
     parse_dtype,
     read_jsonl,
     unicode_problem,
+)
+from kalm_t5gemma2_vllm_plugin.windows import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_WINDOW_OVERLAP,
+    Window,
+    split_document,
 )
 
 __all__ = ["PassageEncoder", "encode_corpus"]
@@ -99,7 +107,32 @@ class PassageEncoder:
                 f"The checkpoint lacks encoder weights: {sorted(missing)[:5]}"
             )
 
-    def encode(self, texts: Sequence[str]) -> list[tuple[Any, int, bool]]:
+    def windows(
+        self, text: str, long_document: str, overlap: int, max_windows: int
+    ) -> list[Window]:
+        """The windows a document is stored as: one (its head) under
+        ``"truncate"``; spans in the document's own tokens."""
+        from kalm_t5gemma2_vllm_plugin.engine.requests import DocumentCut
+        from kalm_t5gemma2_vllm_plugin.prompt import DOCUMENT_PREFIX
+
+        limit = self.document_max_length
+        if long_document != "truncate":
+            return split_document(
+                self.tokenizer,
+                text,
+                limit=limit,
+                overlap=overlap,
+                max_windows=max_windows,
+                cut=DocumentCut.for_tokenizer(self.tokenizer),
+                field="text",
+            )
+        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        prefix = len(
+            self.tokenizer(DOCUMENT_PREFIX, add_special_tokens=False)["input_ids"]
+        )
+        return [Window(text, 0, min(tokens, limit - prefix))]
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[Any, int, bool, str]]:
         """``(pooled states, encoder tokens, truncated, passage key)`` per text,
         one batch."""
         import torch
@@ -167,12 +200,20 @@ def encode_corpus(
     batch_size: int,
     progress: bool = False,
     invalid: list[KaLMInputError] | None = None,
+    long_document: str = "truncate",
+    window_overlap: int = DEFAULT_WINDOW_OVERLAP,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
 ) -> dict[str, int]:
-    """Encode what the store lacks; returns counts (encoded, skipped, total).
+    """Encode what the store lacks; returns counts (encoded, skipped, total,
+    windows written).
 
     The whole input is read before anything is encoded, so a malformed row
     stops the run before the store is touched, unless ``invalid`` is given:
-    then malformed rows are collected there and left out.
+    then malformed rows are collected there and left out. A stored document
+    is skipped when its text is unchanged and it is stored the way
+    ``long_document`` asks (whole, or as windows; a stored head that was cut
+    is re-encoded as windows). A document with more than ``max_windows``
+    windows stops the run, naming its line.
     """
     from tqdm import tqdm
 
@@ -193,40 +234,76 @@ def encode_corpus(
 
     with PassageStoreWriter(store, identity) as writer:
         stored = writer.text_hashes()
-        todo = {i for i, h in hashes.items() if stored.get(i) != h}
+
+        def current(doc_id: str) -> bool:
+            if doc_id not in stored:
+                return False
+            text_hash, windows, truncated = stored[doc_id]
+            if long_document == "truncate":
+                return text_hash == hashes[doc_id] and windows == 1
+            return text_hash == hashes[doc_id] and not (windows == 1 and truncated)
+
+        todo = {i for i in hashes if not current(i)}
         bar = tqdm(
             total=len(todo), unit=" passages", disable=not progress, file=sys.stderr
         )
-        batch: list[tuple[str, str]] = []
+        # (document id, window) per pending window; a document's windows are
+        # committed together (the writer replaces a document whole).
+        batch: list[tuple[str, int, Window]] = []
+        written = 0
 
         def flush() -> None:
-            results = encoder.encode([text for _, text in batch])
+            nonlocal written
+            results = encoder.encode([w.text for _, _, w in batch])
+            counts: dict[str, int] = {}
+            for doc_id, _, _ in batch:
+                counts[doc_id] = counts.get(doc_id, 0) + 1
             writer.write(
                 (
                     PassageRecord(
-                        doc_id, hashes[doc_id], len(states), tokens, cut, key
+                        doc_id,
+                        hashes[doc_id],
+                        len(states),
+                        tokens,
+                        cut,
+                        key,
+                        window=index,
+                        windows=counts[doc_id],
+                        token_start=w.token_start,
+                        token_end=w.token_end,
                     ),
                     states,
                 )
-                for (doc_id, _), (states, tokens, cut, key) in zip(
+                for (doc_id, index, w), (states, tokens, cut, key) in zip(
                     batch, results, strict=True
                 )
             )
-            bar.update(len(batch))
+            written += len(batch)
+            bar.update(len(counts))
             batch.clear()
 
         with contextlib.closing(bar):
             # The same rows as pass 1: those it reported are left out again.
             again = None if invalid is None else []
-            for _, doc_id, text in _read_input(input_path, again):
-                if doc_id in todo:
-                    batch.append((doc_id, text))
-                    if len(batch) >= batch_size:
-                        flush()
+            for line_number, doc_id, text in _read_input(input_path, again):
+                if doc_id not in todo:
+                    continue
+                try:
+                    windows = encoder.windows(
+                        text, long_document, window_overlap, max_windows
+                    )
+                except KaLMInputError as exc:
+                    raise KaLMInputError(
+                        f"{input_path}:{line_number}: {exc}", field="text"
+                    ) from None
+                if batch and len(batch) + len(windows) > batch_size:
+                    flush()
+                batch.extend((doc_id, k, w) for k, w in enumerate(windows))
             if batch:
                 flush()
     return {
         "encoded": len(todo),
         "skipped": len(hashes) - len(todo),
         "total": len(hashes),
+        "windows": written,
     }

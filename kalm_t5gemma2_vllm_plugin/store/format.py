@@ -84,13 +84,15 @@ __all__ = [
 
 #: 2: rows carry the passage key (shared with the engine's caches).
 #: 3: checksums of every passage and shard, and the passage count in meta.
-FORMAT_VERSION = 3
+#: 4: a document may be stored as its windows (``windows.py``): rows keyed by
+#:    (id, window), with the window's span in the document's tokens.
+FORMAT_VERSION = 4
 _INDEX, _LOCK, _SHARDS = "index.sqlite", "writer.lock", "shards"
 _CREATING = _INDEX + ".creating"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS passages (
-    id TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
     text_sha256 TEXT NOT NULL,
     shard TEXT NOT NULL,
     tensor TEXT NOT NULL,
@@ -98,7 +100,12 @@ CREATE TABLE IF NOT EXISTS passages (
     num_tokens INTEGER NOT NULL,
     truncated INTEGER NOT NULL,
     passage_key TEXT NOT NULL,
-    states_crc32 INTEGER NOT NULL
+    states_crc32 INTEGER NOT NULL,
+    window INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    token_start INTEGER NOT NULL,
+    token_end INTEGER NOT NULL,
+    PRIMARY KEY (id, window)
 );
 CREATE INDEX IF NOT EXISTS passages_by_shard ON passages (shard);
 CREATE TABLE IF NOT EXISTS shards (
@@ -109,7 +116,7 @@ CREATE TABLE IF NOT EXISTS shards (
 """
 _COLUMNS = (
     "id, text_sha256, shard, tensor, rows, num_tokens, truncated, passage_key, "
-    "states_crc32"
+    "states_crc32, window, windows, token_start, token_end"
 )
 
 
@@ -124,13 +131,25 @@ class StoreIdentity:
     dtype: str
     format_version: int = FORMAT_VERSION
 
-    def mismatches(self, other: StoreIdentity) -> list[str]:
-        return [
-            f"{f.name}={getattr(self, f.name)!r} (store) vs "
-            f"{getattr(other, f.name)!r} (here)"
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
+    def mismatches(
+        self, other: StoreIdentity, *, coarser_reader: bool = False
+    ) -> list[str]:
+        """What differs from ``other``. ``coarser_reader``: ``other`` is an
+        engine that may pool coarser than the store (its chunk size a
+        multiple of the store's: stored states are re-pooled exactly)."""
+        problems = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "encoder_chunk_size" and coarser_reader:
+                if (theirs or 1) % (mine or 1):
+                    problems.append(
+                        f"encoder_chunk_size={mine!r} (store) vs {theirs!r} (here): "
+                        f"an engine may read a store encoded at a finer chunk size "
+                        f"whose multiple it is (states are re-pooled), not this one"
+                    )
+            elif mine != theirs:
+                problems.append(f"{f.name}={mine!r} (store) vs {theirs!r} (here)")
+        return problems
 
     @classmethod
     def for_engine(
@@ -151,13 +170,23 @@ class StoreIdentity:
 
 @dataclass(frozen=True)
 class PassageRecord:
+    """One stored passage: a whole document, or one window of one."""
+
     id: str
+    #: sha256 of the document's whole text (every window carries it).
     text_sha256: str
     rows: int
+    #: Encoder tokens the states were pooled from (prefix included).
     num_tokens: int
     truncated: bool
     #: ``passage_key.passage_key`` of the encoder ids the states came from.
     passage_key: str
+    #: Which window of the document this is, of how many, and its span in the
+    #: document's own tokens (a whole document: window 0 of 1, span (0, 0)).
+    window: int = 0
+    windows: int = 1
+    token_start: int = 0
+    token_end: int = 0
 
 
 def text_sha256(text: str) -> str:
@@ -180,6 +209,10 @@ def states_crc32(record: PassageRecord, states: Any) -> int:
             int(record.num_tokens),
             bool(record.truncated),
             record.passage_key,
+            int(record.window),
+            int(record.windows),
+            int(record.token_start),
+            int(record.token_end),
             str(states.dtype),
             list(states.shape),
         ]
@@ -264,8 +297,16 @@ def _count_problem(db: sqlite3.Connection) -> str | None:
     return f"holds {counted} passage rows but recorded {recorded}"
 
 
-def _check(stored: StoreIdentity, expected: StoreIdentity | None, root: Path) -> None:
-    if expected is not None and (problems := stored.mismatches(expected)):
+def _check(
+    stored: StoreIdentity,
+    expected: StoreIdentity | None,
+    root: Path,
+    *,
+    coarser_reader: bool = False,
+) -> None:
+    if expected is not None and (
+        problems := stored.mismatches(expected, coarser_reader=coarser_reader)
+    ):
         raise KaLMConfigError(
             f"Passage store {root} was built with other settings: "
             f"{'; '.join(problems)}. Rebuild it with kalm-vllm-encode or use "
@@ -278,7 +319,9 @@ class PassageStore:
 
     Args:
         path: the store directory.
-        expected: refuse the store unless it was built with exactly these settings.
+        expected: refuse the store unless it was built with these settings;
+            the reader's chunk size may be a multiple of the store's (the
+            engine re-pools the stored states).
     """
 
     def __init__(
@@ -300,7 +343,7 @@ class PassageStore:
         try:
             self.identity = _read_identity(self._db, self.root)
             _check_index(self._db, self.root)
-            _check(self.identity, expected, self.root)
+            _check(self.identity, expected, self.root, coarser_reader=True)
         except BaseException as error:
             self._db.close()
             if isinstance(error, sqlite3.DatabaseError):
@@ -309,11 +352,66 @@ class PassageStore:
         self._shards: OrderedDict[str, Any] = OrderedDict()
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM passages").fetchone()[0])
+        """Documents stored (a document stored as windows counts once)."""
+        return int(
+            self._db.execute(
+                "SELECT COUNT(*) FROM passages WHERE window = 0"
+            ).fetchone()[0]
+        )
 
     def ids(self) -> list[str]:
-        """Every stored passage id, in id order."""
-        return [i for (i,) in self._db.execute("SELECT id FROM passages ORDER BY id")]
+        """Every stored document id, in id order."""
+        query = "SELECT id FROM passages WHERE window = 0 ORDER BY id"
+        return [i for (i,) in self._db.execute(query)]
+
+    def window_records(self, ids: Sequence[str]) -> dict[str, list[PassageRecord]]:
+        """Each document's records, window by window (one for a document
+        stored whole); ``UnknownDocumentError`` names unknown ids."""
+        self._rows(ids)  # unknown ids, as every lookup reports them
+        found: dict[str, list[PassageRecord]] = {i: [] for i in ids}
+        for _, record in self._windows(list(found)):
+            found[record.id].append(record)
+        return found
+
+    def load_windows(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> list[tuple[PassageRecord, Any]]:
+        """``(record, states)`` of ``(id, window)`` keys, in order, verified
+        as ``get`` does."""
+        ids = list(dict.fromkeys(i for i, _ in keys))
+        rows = {(r.id, r.window): (r, row) for row, r in self._windows(ids)}
+        missing = [k for k in keys if k not in rows]
+        if missing:
+            self._rows([i for i, _ in missing])  # unknown ids, named as usual
+            raise UnknownDocumentError(
+                f"Passage store {self.root.name} holds no window "
+                f"{missing[0][1]} of document {missing[0][0]!r}.",
+                [i for i, _ in missing],
+            )
+        return [(rows[k][0], self._states(rows[k][0], rows[k][1])) for k in keys]
+
+    def _windows(
+        self, ids: list[str]
+    ) -> Iterable[tuple[tuple[Any, ...], PassageRecord]]:
+        for start in range(0, len(ids), 500):  # SQLite's host-parameter limit
+            chunk = ids[start : start + 500]
+            query = (
+                f"SELECT {_COLUMNS} FROM passages WHERE id IN "
+                f"({','.join('?' * len(chunk))}) ORDER BY id, window"
+            )
+            try:
+                rows = self._db.execute(query, chunk).fetchall()
+            except sqlite3.DatabaseError as error:
+                raise self._corrupt_index(
+                    chunk[0], f"cannot be read ({error})"
+                ) from None
+            asked = set(chunk)
+            for row in rows:
+                if row[0] not in asked:
+                    raise self._corrupt_index(
+                        row[0], f"holds id {row[0]!r} under another id's key"
+                    )
+                yield row[1:], self._record(row[0], row[1:])
 
     def records(self, ids: Sequence[str]) -> list[PassageRecord]:
         """Records in the order of ``ids``; ``UnknownDocumentError`` (a
@@ -365,9 +463,8 @@ class PassageStore:
         return found
 
     def _lookup(self, ids: list[str]) -> list[tuple[Any, ...]]:
-        query = (
-            f"SELECT {_COLUMNS} FROM passages WHERE id IN ({','.join('?' * len(ids))})"
-        )
+        marks = ",".join("?" * len(ids))
+        query = f"SELECT {_COLUMNS} FROM passages WHERE window = 0 AND id IN ({marks})"
         try:
             return self._db.execute(query, ids).fetchall()
         except sqlite3.DatabaseError as error:
@@ -388,7 +485,18 @@ class PassageStore:
 
     @staticmethod
     def _record(passage_id: str, row: tuple[Any, ...]) -> PassageRecord:
-        return PassageRecord(passage_id, row[0], row[3], row[4], bool(row[5]), row[6])
+        return PassageRecord(
+            passage_id,
+            row[0],
+            row[3],
+            row[4],
+            bool(row[5]),
+            row[6],
+            window=row[8],
+            windows=row[9],
+            token_start=row[10],
+            token_end=row[11],
+        )
 
     def _states(self, record: PassageRecord, row: tuple[Any, ...]) -> Any:
         from safetensors import SafetensorError
@@ -485,15 +593,20 @@ class PassageStoreWriter:
         self.identity = identity
         self._remove_orphans()
 
-    def text_hashes(self) -> dict[str, str]:
-        """``id -> text sha256`` of every stored passage (for incremental runs)."""
-        return dict(self._db.execute("SELECT id, text_sha256 FROM passages"))
+    def text_hashes(self) -> dict[str, tuple[str, int, bool]]:
+        """``id -> (text sha256, windows, truncated)`` of every stored document
+        (for incremental runs; truncated: of its first window)."""
+        query = (
+            "SELECT id, text_sha256, windows, truncated FROM passages WHERE window = 0"
+        )
+        return {i: (h, n, bool(t)) for i, h, n, t in self._db.execute(query)}
 
     def write(self, items: Iterable[tuple[PassageRecord, Any]]) -> int:
         """Store a batch of ``(record, states)`` durably; returns how many.
 
         The shard is complete on disk before the index points at it, and the
         index changes in one transaction: a crash keeps all or none of the batch.
+        A document's rows are replaced whole: a batch holds all of its windows.
         """
         from safetensors.torch import save
 
@@ -526,16 +639,22 @@ class PassageStoreWriter:
                 int(r.truncated),
                 r.passage_key,
                 states_crc32(r, tensors[str(i)]),
+                r.window,
+                r.windows,
+                r.token_start,
+                r.token_end,
             )
             for i, (r, _) in enumerate(batch)
         ]
         ids = list(dict.fromkeys(r.id for r, _ in batch))
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            added = len(ids) - self._stored_among(ids)
+            # A key twice in one batch: the last one wins, counted once.
+            keys = {(r.id, r.window) for r, _ in batch}
+            added = len(keys) - self._remove_rows(ids)
             self._db.executemany(
                 f"INSERT OR REPLACE INTO passages ({_COLUMNS}) VALUES "
-                f"({', '.join('?' * 9)})",
+                f"({', '.join('?' * len(rows[0]))})",
                 rows,
             )
             self._db.execute(
@@ -554,16 +673,16 @@ class PassageStoreWriter:
             raise
         return len(batch)
 
-    def _stored_among(self, ids: list[str]) -> int:
-        """How many of ``ids`` (distinct) the index holds already."""
-        stored = 0
+    def _remove_rows(self, ids: list[str]) -> int:
+        """Delete every row (all windows) of ``ids``; returns how many."""
+        removed = 0
         for start in range(0, len(ids), 500):  # SQLite's host-parameter limit
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            stored += self._db.execute(
-                f"SELECT COUNT(*) FROM passages WHERE id IN ({marks})", chunk
-            ).fetchone()[0]
-        return int(stored)
+            removed += self._db.execute(
+                f"DELETE FROM passages WHERE id IN ({marks})", chunk
+            ).rowcount
+        return int(removed)
 
     def close(self) -> None:
         self._db.close()

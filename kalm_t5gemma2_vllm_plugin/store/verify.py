@@ -32,7 +32,7 @@ from kalm_t5gemma2_vllm_plugin.store.format import (
 __all__ = ["StoreProblem", "VerifyReport", "verify_store"]
 
 #: Python types of the ``_COLUMNS`` of a sound passage row.
-_TYPES = [str, str, str, str, int, int, int, str, int]
+_TYPES = [str, str, str, str, int, int, int, str, int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -212,14 +212,26 @@ def _check_row(
         return StoreProblem(
             _INDEX, "its row holds values of the wrong type", passage_id
         )
-    _, text_hash, shard, tensor, rows, tokens, truncated, key, checksum = text
+    (_, text_hash, shard, tensor, rows, tokens, truncated, key, checksum) = text[:9]
+    window, windows, token_start, token_end = text[9:]
     where = f"{_SHARDS}/{shard}"
     if shard not in listed:
         return StoreProblem(where, "its shard is not listed in the index", passage_id)
     states, reason = shards.tensor(shard, tensor)
     if reason is not None:
         return StoreProblem(where, f"its states cannot be read ({reason})", passage_id)
-    record = PassageRecord(passage_id, text_hash, rows, tokens, bool(truncated), key)
+    record = PassageRecord(
+        passage_id,
+        text_hash,
+        rows,
+        tokens,
+        bool(truncated),
+        key,
+        window=window,
+        windows=windows,
+        token_start=token_start,
+        token_end=token_end,
+    )
     if states_crc32(record, states) != checksum:
         return StoreProblem(where, "its states do not match their checksum", passage_id)
     return None

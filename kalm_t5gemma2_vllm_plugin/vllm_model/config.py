@@ -18,10 +18,14 @@ from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
 from kalm_t5gemma2_vllm_plugin.validation import check_positive_int, parse_chunk_size
 
 __all__ = [
+    "CHUNK_FIELD",
     "IDS_FIELD",
     "KEY_FIELD",
+    "POOL_FIELD",
     "SCORE_IDS_KEY",
+    "STATES_CHUNK_FIELD",
     "STATES_FIELD",
+    "TOKENS_FIELD",
     "EngineSettings",
 ]
 
@@ -36,6 +40,15 @@ SCORE_IDS_KEY = "score_ids"
 #: the passage key (``passage_key.py``) as KEY_BYTES uint8 values; in a stored
 #: passage's item, the key as hex
 KEY_FIELD = "passage_key"
+#: the pooling factor this request wants (per-request compression; default:
+#: the engine's); a multiple of the engine's
+CHUNK_FIELD = "chunk_size"
+#: beside precomputed states: the passage's encoder tokens and the factor the
+#: states were pooled with (a store may be finer than the engine)
+TOKENS_FIELD = "num_tokens"
+STATES_CHUNK_FIELD = "states_chunk_size"
+#: processor -> model: int64 ``[states' factor, wanted factor, tokens]``
+POOL_FIELD = "passage_pool"
 
 # hf_overrides keys the plugin model reads back (prefixed: HF configs hold other keys).
 OVERRIDE_CHUNK_SIZE = "kalm_encoder_chunk_size"

@@ -39,6 +39,7 @@ from kalm_t5gemma2_vllm_plugin.constants import PASSAGE_MODALITY
 from kalm_t5gemma2_vllm_plugin.counters import EngineCounters
 from kalm_t5gemma2_vllm_plugin.cpu_tuning import tune_cpu_allocator
 from kalm_t5gemma2_vllm_plugin.errors import KaLMConfigError
+from kalm_t5gemma2_vllm_plugin.mep import repool
 from kalm_t5gemma2_vllm_plugin.t5gemma2 import (
     build_decoder,
     build_encoder,
@@ -48,6 +49,7 @@ from kalm_t5gemma2_vllm_plugin.t5gemma2 import (
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     IDS_FIELD,
     KEY_FIELD,
+    POOL_FIELD,
     SCORE_IDS_KEY,
     STATES_FIELD,
     EngineSettings,
@@ -64,6 +66,10 @@ from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import pack_score_text
 
 __all__ = ["KaLMT5Gemma2Reranker", "check_finite"]
 
+#: Padded tokens per encoder pass: bounds the encoder's activations (8
+#: passages of 1,024 tokens) whatever the scheduler hands over in one step;
+#: larger passes are no faster per token on CPU (benchmarks/README.md).
+ENCODER_BATCH_TOKENS = 8192
 #: Elements per partial sum (a chunk whose sum is not finite is recounted).
 _FINITE_CHUNK = 1 << 24
 
@@ -158,26 +164,45 @@ class KaLMT5Gemma2Reranker(
     @torch.inference_mode()
     def embed_multimodal(self, **kwargs: Any) -> list[torch.Tensor]:
         # Called for the passages vLLM's encoder cache does not hold; the
-        # plugin's cache serves what it can, the rest is encoded in one batch.
+        # plugin's cache serves what it can, the rest is encoded in batches.
+        # Both caches' keys name the pooling the states were made with; a
+        # request's own factor is applied last (mep.repool).
         keys = [bytes(k.tolist()).hex() for k in _as_list(kwargs[KEY_FIELD])]
+        pools = [p.tolist() for p in _as_list(kwargs[POOL_FIELD])]
         if STATES_FIELD in kwargs:  # precomputed by a passage store
-            states = [s.to(self._dtype) for s in _as_list(kwargs[STATES_FIELD])]
-            self.counters.add(passages_from_store=len(states))
-            for key, passage in zip(keys, states, strict=True):
+            found = [s.to(self._dtype) for s in _as_list(kwargs[STATES_FIELD])]
+            self.counters.add(passages_from_store=len(found))
+            for key, passage in zip(keys, found, strict=True):
                 self.passage_cache.put(key, passage)
-            return states
-        passages = _as_list(kwargs[IDS_FIELD])
+        else:
+            found = self._encoded(_as_list(kwargs[IDS_FIELD]), keys)
+        return [
+            repool(states, tokens, source, target)
+            for states, (source, target, tokens) in zip(found, pools, strict=True)
+        ]
+
+    def _encoded(
+        self, passages: list[torch.Tensor], keys: list[str]
+    ) -> list[torch.Tensor]:
+        """Pooled states at the engine's factor: from the passage cache, else
+        encoded, at most ``ENCODER_BATCH_TOKENS`` padded tokens per encoder
+        pass (the scheduler may hand over dozens of long passages at once)."""
         found = [self.passage_cache.get(key) for key in keys]
         misses = [i for i, states in enumerate(found) if states is None]
-        if misses:
-            assert self.encoder is not None, "decoder-only engines accept only states"
-            todo = [passages[i] for i in misses]
-            self.counters.add(
-                passages_encoded=len(todo),
-                passage_tokens_encoded=sum(len(p) for p in todo),
+        if not misses:
+            return found  # type: ignore[return-value]
+        assert self.encoder is not None, "decoder-only engines accept only states"
+        self.counters.add(
+            passages_encoded=len(misses),
+            passage_tokens_encoded=sum(len(passages[i]) for i in misses),
+        )
+        # Longest first: batches of similar lengths pad little.
+        misses.sort(key=lambda i: -len(passages[i]))
+        for batch in _token_batches(misses, passages, ENCODER_BATCH_TOKENS):
+            encoded = encode_passages(
+                self.encoder, [passages[i] for i in batch], self.settings.chunk_size
             )
-            encoded = encode_passages(self.encoder, todo, self.settings.chunk_size)
-            for i, fresh in zip(misses, encoded, strict=True):
+            for i, fresh in zip(batch, encoded, strict=True):
                 found[i] = fresh
                 self.passage_cache.put(keys[i], fresh)
         return found  # type: ignore[return-value]
@@ -252,6 +277,20 @@ class KaLMT5Gemma2Reranker(
     @property
     def _dtype(self) -> torch.dtype:
         return self.decoder.embed_tokens.weight.dtype
+
+
+def _token_batches(
+    order: list[int], passages: list[torch.Tensor], budget: int
+) -> list[list[int]]:
+    """``order`` (longest first) cut into batches whose padded size
+    (members x longest) stays within ``budget`` tokens; one passage at least."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(passages[batches[-1][0]]) * (len(batches[-1]) + 1) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _as_list(value: Any) -> list[torch.Tensor]:

@@ -42,11 +42,19 @@ from kalm_t5gemma2_vllm_plugin.errors import KaLMInputError
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.passage_key import KEY_BYTES, passage_key
 from kalm_t5gemma2_vllm_plugin.prompt import decoder_prompt_ids, encode_document
+from kalm_t5gemma2_vllm_plugin.validation import (
+    check_request_chunk_size,
+    parse_chunk_size,
+)
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
+    CHUNK_FIELD,
     IDS_FIELD,
     KEY_FIELD,
+    POOL_FIELD,
     SCORE_IDS_KEY,
+    STATES_CHUNK_FIELD,
     STATES_FIELD,
+    TOKENS_FIELD,
     EngineSettings,
 )
 from kalm_t5gemma2_vllm_plugin.vllm_model.score_template import unpack_score_text
@@ -144,9 +152,8 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         return {
-            IDS_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
-            STATES_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
-            KEY_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+            name: MultiModalFieldConfig.batched(PASSAGE_MODALITY)
+            for name in (IDS_FIELD, STATES_FIELD, KEY_FIELD, POOL_FIELD)
         }
 
     def _get_prompt_updates(self, *args: Any, **kwargs: Any) -> Sequence[Any]:
@@ -167,9 +174,18 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
 
         if isinstance(item, Mapping) and SCORE_IDS_KEY in item:
             decoder_ids, item = self._unpack_score_prompt(item[SCORE_IDS_KEY])
+        # Per-request compression: the model re-pools to this factor.
+        target = check_request_chunk_size(
+            item.get(CHUNK_FIELD) if isinstance(item, Mapping) else None,
+            settings.chunk_size,
+            CHUNK_FIELD,
+        )
         if isinstance(item, Mapping) and STATES_FIELD in item:
             field, data = STATES_FIELD, self._check_states(item[STATES_FIELD])
-            num_rows = data.shape[0]
+            source, tokens = self._states_pooling(
+                item, data, target, settings.pool_factor
+            )
+            num_rows = data.shape[0] if tokens == 0 else pooled_length(tokens, target)
             # A stored passage carries the key of the ids it was encoded from,
             # so it shares its cache entries with the same passage as text.
             key = item.get(KEY_FIELD) or _hash_bytes(
@@ -179,7 +195,8 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
         else:
             ids = self._encoder_ids(item)
             field, data = IDS_FIELD, torch.tensor(ids, dtype=torch.long)
-            num_rows = pooled_length(len(ids), settings.pool_factor)
+            source, tokens = settings.pool_factor, len(ids)
+            num_rows = pooled_length(tokens, target)
             key = passage_key(ids, settings.chunk_size)
 
         # Profiling dummies come with an empty decoder prompt.
@@ -192,22 +209,66 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
                 field="prompt_token_ids",
             )
         key_bytes = torch.tensor(list(bytes.fromhex(key)), dtype=torch.uint8)
+        pool = torch.tensor([source, target, tokens], dtype=torch.long)
         mm_kwargs = MultiModalKwargsItems.from_hf_inputs(
-            BatchFeature({field: data[None], KEY_FIELD: key_bytes[None]}),
+            BatchFeature(
+                {field: data[None], KEY_FIELD: key_bytes[None], POOL_FIELD: pool[None]}
+            ),
             {
-                field: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
-                KEY_FIELD: MultiModalFieldConfig.batched(PASSAGE_MODALITY),
+                name: MultiModalFieldConfig.batched(PASSAGE_MODALITY)
+                for name in (field, KEY_FIELD, POOL_FIELD)
             },
         )
         model_key = f"{self.info.model_id}|{TEMPLATE_VERSION}".encode()
         return mm_input(
             prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * num_rows + decoder_ids,
             mm_kwargs=mm_kwargs,
-            mm_hashes={PASSAGE_MODALITY: [_hash_bytes(model_key, key.encode())]},
+            # The states vLLM caches are those at the wanted factor.
+            mm_hashes={
+                PASSAGE_MODALITY: [
+                    _hash_bytes(model_key, key.encode(), str(target).encode())
+                ]
+            },
             mm_placeholders={
                 PASSAGE_MODALITY: [PlaceholderRange(offset=0, length=num_rows)]
             },
         )
+
+    @staticmethod
+    def _states_pooling(
+        item: Mapping[str, Any], states: torch.Tensor, target: int, engine: int
+    ) -> tuple[int, int]:
+        """``(factor the states were pooled with, the passage's tokens)``;
+        tokens 0 when not given (then no re-pooling is possible). Without a
+        factor the states are taken as pooled like the engine's."""
+        given = item.get(STATES_CHUNK_FIELD, engine)
+        source = parse_chunk_size(given, STATES_CHUNK_FIELD) or 1
+        tokens = item.get(TOKENS_FIELD)
+        if tokens is None:
+            if source != target:
+                raise KaLMInputError(
+                    f"Re-pooling stored states to chunk size {target} needs the "
+                    f"passage's token count ({TOKENS_FIELD}).",
+                    field=TOKENS_FIELD,
+                )
+            return source, 0
+        if (
+            isinstance(tokens, bool)
+            or not isinstance(tokens, int)
+            or pooled_length(tokens, source) != states.shape[0]
+        ):
+            raise KaLMInputError(
+                f"{TOKENS_FIELD}={tokens!r} does not match {states.shape[0]} states "
+                f"pooled at chunk size {source}.",
+                field=TOKENS_FIELD,
+            )
+        if target % source:
+            raise KaLMInputError(
+                f"States pooled at chunk size {source} cannot be re-pooled to "
+                f"{target} (not a multiple).",
+                field=CHUNK_FIELD,
+            )
+        return source, tokens
 
     def _encoder_ids(self, item: object) -> list[int]:
         settings = self.info.settings
@@ -217,6 +278,8 @@ class KaLMPassageProcessor(BaseMultiModalProcessor[KaLMPassageProcessingInfo]):
                 "from a passage store; it cannot encode text.",
                 field="documents",
             )
+        if isinstance(item, Mapping) and IDS_FIELD in item:
+            item = item[IDS_FIELD]
         if isinstance(item, str):
             ids = encode_document(
                 self._tokenizer(), item, settings.document_max_length

@@ -481,6 +481,7 @@ VALID_REQUESTS = {
         "documents": ["a", {"text": "b", "title": "ignored"}],
         "document_ids": ["doc-1", "doc-2"],
         "instruction": "i",
+        "long_document": "truncate",
     },
     "/score": {
         "model": "tiny",
@@ -489,6 +490,7 @@ VALID_REQUESTS = {
             {"query": "q", "document_id": "doc-1"},
         ],
         "instruction": "i",
+        "long_document": "truncate",
     },
 }
 VALID_REQUESTS["/v1/rerank"] = VALID_REQUESTS["/v2/rerank"] = VALID_REQUESTS["/rerank"]

@@ -291,11 +291,11 @@ def test_an_old_format_store_is_refused_with_a_way_out(
     root = _copy(store, tmp_path)
     db = sqlite3.connect(root / "index.sqlite")
     (raw,) = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
-    old = {**json.loads(raw), "format_version": 2}
+    old = {**json.loads(raw), "format_version": 3}
     db.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (json.dumps(old),))
     db.commit()
     db.close()
-    expected = "has format version 2; this version reads format 3 only. Re-encode"
+    expected = "has format version 3; this version reads format 4 only. Re-encode"
     with pytest.raises(KaLMConfigError, match=re.escape(expected)):
         PassageStore(root)
     with pytest.raises(KaLMConfigError, match=re.escape(expected)):
