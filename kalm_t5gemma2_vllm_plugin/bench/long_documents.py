@@ -181,7 +181,8 @@ def summary(report: dict[str, Any]) -> str:
         out += [
             "",
             f"warm mean: {warm_docs:.3f} documents/s ({warm_windows:.2f} windows/s); "
-            f"truncate (head only, cached): {r['truncate_documents_per_s']:.3f} "
+            f"truncate (the head only: a passage of its own, not the first "
+            f"window, so encoded in this pass): {r['truncate_documents_per_s']:.3f} "
             f"documents/s. Peak RSS ranking one {shape['doc_tokens']}-token document "
             f"{r['peak_rss_long_document_mb']:.0f} MB vs one single-window document "
             f"{r['peak_rss_one_window_mb']:.0f} MB "
