@@ -36,6 +36,7 @@ OPT_IN_TIERS = {
     "clients": "KALM_CLIENTS",  # installs six client venvs on a cold cache
     "fuzz": "KALM_FUZZ",  # installs schemathesis in its own venv
     "bench": "KALM_BENCH",  # kalm-vllm-bench end to end (minutes)
+    "eval": "KALM_EVAL",  # kalm-vllm-eval end to end on the fixture (engines)
 }
 _TIMINGS = pytest.StashKey[list[str]]()
 _STARTED = pytest.StashKey[float]()

@@ -38,6 +38,7 @@ __all__ = [
     "platform_engine_kwargs",
     "request_error_types",
     "request_failure",
+    "reset_encoder_cache",
     "shutdown_llm",
     "support_line",
 ]
@@ -181,6 +182,20 @@ def shutdown_llm(llm: Any) -> None:
     0.32-0.34: ``LLM`` has no public shutdown; its engine core has one.
     """
     llm.llm_engine.engine_core.shutdown()
+
+
+def reset_encoder_cache(llm: Any) -> bool:
+    """Empty an offline ``LLM``'s encoder cache (nothing may be in flight);
+    ``False`` where this vLLM cannot.
+
+    0.32-0.34: ``LLMEngine.reset_encoder_cache()`` drops every cached encoder
+    output (kalm-vllm-eval scores each query from a fresh state with it).
+    """
+    reset = getattr(getattr(llm, "llm_engine", None), "reset_encoder_cache", None)
+    if reset is None:
+        return False
+    reset()
+    return True
 
 
 def async_engine_classes() -> tuple[Any, Any, type[BaseException]]:

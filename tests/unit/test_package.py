@@ -23,6 +23,7 @@ def test_console_scripts_are_declared() -> None:
         "kalm-vllm-bench",
         "kalm-vllm-encode",
         "kalm-vllm-store",
+        "kalm-vllm-eval",
     } <= names
     # every console script's main lives in cli/
     for ep in importlib.metadata.entry_points(group="console_scripts"):
