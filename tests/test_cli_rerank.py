@@ -179,3 +179,33 @@ def test_bad_flags_fail_clearly(
     assert "error: --encoder-chunk-size must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--top-k", "-1"])
+
+
+def test_long_documents_and_request_chunk_size_flags(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kalm_t5gemma2_vllm_plugin.checkpoints.synthetic import synthetic_text
+
+    long = synthetic_text(300, seed=5)
+    rows = [{"query": "q", "document": long}, {"query": "q", "document": "short"}]
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--model", str(tiny_checkpoint), "--dtype", "float32", "--return-margin"]
+    args += ["--input-jsonl", str(source), "--document-max-length", "64"]
+    args += ["--long-document", "max", "--window-overlap", "8"]
+    assert cli.main([*args, "--request-chunk-size", "16"]) == 0
+    out = _rows(capsys.readouterr().out)
+    want = KaLMReranker(
+        str(tiny_checkpoint), dtype="float32", max_length=64, chunk_size=16
+    ).predict(
+        [(r["query"], r["document"]) for r in rows],
+        long_document="max",
+        window_overlap=8,
+        return_margin=True,
+    )
+    assert out[0]["windows"] == want[0]["windows"] > 4 and out[1]["windows"] == 1
+    for got, expected in zip(out, want, strict=True):
+        assert abs(got["margin"] - expected["margin"]) <= 1e-4
+        assert got["best_window"] == expected["best_window"]
+    # a finer size than the engine's is one line naming the flag's field
+    assert cli.main([*args, "--request-chunk-size", "2"]) == 2
+    assert "finer than this engine's chunk size 4" in capsys.readouterr().err

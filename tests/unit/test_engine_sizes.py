@@ -68,3 +68,35 @@ def test_an_explicit_budget_below_max_model_len_is_refused_naming_both() -> None
         max_num_batched_tokens=4096,
     )
     assert (sizes.max_model_len, sizes.max_num_batched_tokens) == (4096, 4096)
+
+
+def test_document_max_length_may_reach_the_encoders_positions_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    long = EngineSettings(document_max_length=4096)
+    with caplog.at_level("WARNING", logger="kalm_t5gemma2_vllm_plugin.engine.session"):
+        sizes = engine_sizes(long, prompt_tokens=59, batch_size=4, max_positions=4096)
+    assert sizes.longest_request == 1024 + 512 + 59
+    assert "trained on passages of at most 512 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kalm_t5gemma2_vllm_plugin.engine.session"):
+        engine_sizes(DEFAULT, prompt_tokens=59, batch_size=4, max_positions=4096)
+    assert caplog.text == ""  # 1,024 is not beyond what the default allows
+    with pytest.raises(KaLMInputError, match="beyond the encoder's 4096 positions"):
+        engine_sizes(
+            EngineSettings(document_max_length=4097),
+            prompt_tokens=59,
+            batch_size=4,
+            max_positions=4096,
+        )
+
+
+def test_the_encoders_positions_come_from_the_checkpoint(tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from kalm_t5gemma2_vllm_plugin.engine.session import encoder_positions
+
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    text = config["encoder"].get("text_config", config["encoder"])
+    assert encoder_positions(str(tiny_checkpoint)) == text["max_position_embeddings"]
+    assert encoder_positions("/nonexistent") is None
