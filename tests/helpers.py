@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,18 @@ def corpus_docs() -> dict[str, str]:
     docs["unicode"] = "北京是中国的首都 🙂"
     docs["long"] = synthetic_text(1500, seed=99)  # beyond document_max_length
     return docs
+
+
+#: The bucket the ``s3`` fixture (moto on 127.0.0.1) creates.
+S3_BUCKET = "kalm"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def store_option_flags(options: dict[str, str]) -> list[str]:
+    """``--store-option KEY=VALUE`` for each storage option."""
+    return [arg for k, v in options.items() for arg in ("--store-option", f"{k}={v}")]

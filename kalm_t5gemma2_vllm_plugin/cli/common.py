@@ -21,6 +21,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_INSTRUCTION,
     DEFAULT_PASSAGE_CACHE_MB,
     DEFAULT_QUERY_MAX_LENGTH,
+    DEFAULT_STORE_REFRESH_S,
     MODEL_ID,
 )
 from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import configure_vllm_environment
@@ -33,6 +34,8 @@ __all__ = [
     "Output",
     "add_engine_arguments",
     "add_long_document_arguments",
+    "add_store_option_argument",
+    "store_options",
     "configure_vllm_environment",
     "flag_error",
     "flush_stdout",
@@ -96,6 +99,27 @@ def add_long_document_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store_option_argument(parser: argparse._ActionsContainer) -> None:
+    """``--store-option KEY=VALUE`` (repeatable): a Lance storage option,
+    merged over those from the environment (``store/uri.py``)."""
+    parser.add_argument(
+        "--store-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a storage option for a Lance passage store (repeatable), e.g. "
+        "aws_endpoint=http://127.0.0.1:9000; merged over AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP",
+    )
+
+
+def store_options(args: argparse.Namespace) -> dict[str, str]:
+    """``--store-option`` values as a dict (later ones win)."""
+    from kalm_t5gemma2_vllm_plugin.store.uri import parse_store_options
+
+    return parse_store_options(getattr(args, "store_option", None), "--store-option")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine flags shared by ``kalm-vllm-rerank`` and ``kalm-vllm-serve``."""
     group = parser.add_argument_group("engine")
@@ -147,6 +171,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--instruction", default=DEFAULT_INSTRUCTION, help="default task instruction"
     )
+    add_store_option_argument(group)
+    group.add_argument(
+        "--store-refresh-s",
+        type=float,
+        default=DEFAULT_STORE_REFRESH_S,
+        help="a Lance passage store's newest version is picked up this often "
+        "(seconds; the staleness bound of appended passages); 0: every request",
+    )
 
 
 def resolve_cli_model(model: str | None) -> tuple[str, str]:
@@ -180,6 +212,7 @@ def resolve_cli_model(model: str | None) -> tuple[str, str]:
 
 #: Engine flags that are ``EngineOptions`` fields and reranker keywords alike.
 _ENGINE_FIELDS = (
+    "store_refresh_s",
     "max_model_len",
     "max_num_batched_tokens",
     "batch_size",
@@ -199,7 +232,10 @@ _SETTINGS_FIELDS = (
 def reranker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``KaLMVLLMReranker`` keywords from the engine flags."""
     names = [*_ENGINE_FIELDS, *(flag for flag, _ in _SETTINGS_FIELDS)]
-    return {name: getattr(args, name) for name in names}
+    return {
+        **{name: getattr(args, name) for name in names},
+        "store_options": store_options(args),
+    }
 
 
 def engine_options(
@@ -216,6 +252,7 @@ def engine_options(
         model_path=model_path,
         settings=EngineSettings(**settings, decoder_only=decoder_only),
         **{name: getattr(args, name) for name in _ENGINE_FIELDS},
+        store_options=store_options(args),
         **more,
     )
 

@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--passage-store",
-        type=Path,
-        help="documents go by id from this store (kalm-vllm-encode), not as text",
+        help="documents go by id from this store (kalm-vllm-encode: a directory, "
+        "a .lance path or an s3:// URI), not as text",
     )
     parser.add_argument(
         "--decoder-only",

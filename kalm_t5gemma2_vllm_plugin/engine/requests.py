@@ -28,7 +28,8 @@ from kalm_t5gemma2_vllm_plugin.prompt import (
     encode_document,
     format_decoder_prompt,
 )
-from kalm_t5gemma2_vllm_plugin.store.format import PassageRecord, PassageStore
+from kalm_t5gemma2_vllm_plugin.store.format import PassageRecord
+from kalm_t5gemma2_vllm_plugin.store.uri import PassageReader
 from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     CHUNK_FIELD,
     IDS_FIELD,
@@ -251,7 +252,7 @@ class PromptBuilder:
         instruction: str,
         *,
         document_max_length: int | None = None,
-        store: PassageStore | None = None,
+        store: PassageReader | None = None,
         max_tokens: int | None = None,
         field: str = "pairs",
         chunk_size: int | None = None,
@@ -347,6 +348,11 @@ class PromptBuilder:
         limit = self.settings.document_max_length
         return limit if document_max_length is None else min(limit, document_max_length)
 
+    def refresh_store(self, store: PassageReader) -> bool:
+        """``store.refresh()`` (a newer version), between reads of it."""
+        with self._store_lock:
+            return store.refresh()
+
     def plan_windows(
         self,
         pairs: Sequence[tuple[str, Any]],
@@ -354,7 +360,7 @@ class PromptBuilder:
         *,
         overlap: int,
         max_windows: int,
-        store: PassageStore | None,
+        store: PassageReader | None,
         document_max_length: int | None = None,
         field: Callable[[int], str] = lambda index: f"documents.{index}",
     ) -> WindowPlan:
@@ -389,7 +395,7 @@ class PromptBuilder:
         return WindowPlan.build(pairs, policy, windows)
 
     def _stored(
-        self, pairs: Sequence[tuple[str, Any]], store: PassageStore | None
+        self, pairs: Sequence[tuple[str, Any]], store: PassageReader | None
     ) -> dict[Any, tuple[PassageRecord, Any]]:
         keys = list(
             dict.fromkeys(
@@ -406,7 +412,7 @@ class PromptBuilder:
         return dict(zip(keys, loaded, strict=True))
 
     @staticmethod
-    def _need_store(store: PassageStore | None) -> PassageStore:
+    def _need_store(store: PassageReader | None) -> PassageReader:
         if store is None:
             raise KaLMInputError(
                 "Documents given by id need a passage store (passage_store=...).",

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_INSTRUCTION,
+    DEFAULT_STORE_REFRESH_S,
     DEFAULT_SYSTEM_INSTRUCTION,
     PASSAGE_MODALITY,
 )
@@ -37,7 +39,8 @@ from kalm_t5gemma2_vllm_plugin.engine.watchdog import EngineWatchdog
 from kalm_t5gemma2_vllm_plugin.errors import KaLMEngineError, KaLMInputError
 from kalm_t5gemma2_vllm_plugin.mep import pooled_length
 from kalm_t5gemma2_vllm_plugin.prompt import check_yes_no_tokens
-from kalm_t5gemma2_vllm_plugin.store.format import PassageStore, StoreIdentity
+from kalm_t5gemma2_vllm_plugin.store.format import StoreIdentity
+from kalm_t5gemma2_vllm_plugin.store.uri import PassageReader, open_store
 from kalm_t5gemma2_vllm_plugin.validation import (
     check_positive_int,
     check_str,
@@ -85,8 +88,14 @@ class EngineOptions:
     gpu_memory_utilization: float | None = None
     instruction: str = DEFAULT_INSTRUCTION
     system_instruction: str = DEFAULT_SYSTEM_INSTRUCTION
-    #: A store written by ``kalm-vllm-encode``: documents may come by id.
+    #: A store written by ``kalm-vllm-encode`` (a directory, or a Lance URI:
+    #: ``store/uri.py``): documents may come by id.
     passage_store: str | None = None
+    #: Lance storage options (endpoint, keys, ...) over the ``AWS_*`` ones.
+    store_options: dict[str, str] = field(default_factory=dict)
+    #: Seconds between looks for a newer version of a Lance store (how stale
+    #: a replica may be); 0: before every request.
+    store_refresh_s: float = DEFAULT_STORE_REFRESH_S
     #: More keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``.
     engine_args: dict[str, Any] = field(default_factory=dict)
 
@@ -118,6 +127,18 @@ class EngineOptions:
             )
         check_str(self.instruction, "instruction")
         check_str(self.system_instruction, "system_instruction")
+        refresh = self.store_refresh_s
+        if (
+            isinstance(refresh, bool)
+            or not isinstance(refresh, int | float)
+            or not 0 <= refresh < float("inf")
+        ):
+            raise KaLMInputError(
+                f"store_refresh_s must be a number of seconds >= 0, got {refresh!r}.",
+                field="store_refresh_s",
+            )
+        normal("store_refresh_s", float(refresh))
+        normal("store_options", {str(k): str(v) for k, v in self.store_options.items()})
         if self.passage_store is not None:
             normal("passage_store", os.fspath(self.passage_store))
         if self.settings.decoder_only and self.passage_store is None:
@@ -282,10 +303,11 @@ class EngineSession:
         self.settings = options.settings
         self.engine: Any = None
         self.dtype: str = options.dtype or default_dtype()
-        self.store: PassageStore | None = None
+        self.store: PassageReader | None = None
         self.counters: EngineCounters | None = None
         self._shutdown: Callable[[Any], None] | None = None
         self._watchdog: EngineWatchdog | None = None
+        self._refreshed = time.monotonic()
         # An HF fast tokenizer; the prompt code types it by the calls it makes.
         tokenizer: Any = AutoTokenizer.from_pretrained(options.model_path)
         self.tokenizer = tokenizer
@@ -313,8 +335,9 @@ class EngineSession:
         check_vllm_runtime()
         try:
             if options.passage_store is not None:
-                self.store = PassageStore(
+                self.store = open_store(
                     options.passage_store,
+                    storage_options=options.store_options,
                     expected=StoreIdentity.for_engine(
                         options.model_path,
                         self.settings.chunk_size,
@@ -380,6 +403,7 @@ class EngineSession:
         or ``StoredWindow``) and an instruction ``instruction()`` returned;
         thread-safe, so callers may build off their event loop. ``max_tokens``,
         ``chunk_size``: ``PromptBuilder.build``."""
+        self.refresh_store()
         return self.requests.build(
             pairs,
             instruction,
@@ -389,6 +413,18 @@ class EngineSession:
             field=field,
             chunk_size=chunk_size,
         )
+
+    def refresh_store(self) -> bool:
+        """Look for a newer version of the store once ``store_refresh_s`` has
+        passed since the last look (Lance: passages appended by a later
+        encoding run become visible; a directory store sees every commit
+        anyway). ``True`` when the store moved."""
+        store = self.store
+        now = time.monotonic()
+        if store is None or now - self._refreshed < self.options.store_refresh_s:
+            return False
+        self._refreshed = now
+        return self.requests.refresh_store(store)
 
     def stats(self) -> dict[str, int]:
         """Engine counters since start: passages encoded (and their tokens),

@@ -80,7 +80,7 @@ class EvalPlan:
     depth: int
     long_document: str | None
     chunk_sizes: list[int] | None
-    passage_store: Path | None
+    passage_store: str | None
     arguments: dict[str, Any]
     #: Drop the journal instead of resuming it.
     restart: bool = False
@@ -130,10 +130,10 @@ def _check_known(
     )
 
 
-def _store_ids(path: Path) -> list[str]:
-    from kalm_t5gemma2_vllm_plugin.store.format import PassageStore
+def _store_ids(uri: str) -> list[str]:
+    from kalm_t5gemma2_vllm_plugin.store.uri import open_store
 
-    store = PassageStore(path)
+    store = open_store(uri)
     try:
         return store.ids()
     finally:
@@ -189,7 +189,7 @@ def prepare(
     queries = read_queries(dataset.queries_path)
     qrels = read_qrels(dataset.qrels_path, queries)
     evaluated = sorted(qrels)
-    store = None if passage_store is None else Path(passage_store)
+    store = None if passage_store is None else os.fspath(passage_store)
     needs_text = store is None or run is None
     corpus = read_corpus(dataset.corpus_path) if needs_text else None
     candidates, first_stage, run_file = _first_stage(
@@ -238,7 +238,7 @@ def engine_identity(reranker: KaLMVLLMReranker) -> dict[str, Any]:
     from kalm_t5gemma2_vllm_plugin import __version__
     from kalm_t5gemma2_vllm_plugin.checkpoints.hub import model_fingerprint
 
-    settings, store = reranker.settings, reranker.store
+    settings = reranker.settings
     return {
         "model": reranker.model,
         "model_fingerprint": model_fingerprint(reranker.model_path),
@@ -250,7 +250,7 @@ def engine_identity(reranker: KaLMVLLMReranker) -> dict[str, Any]:
         "system_instruction": reranker.options.system_instruction,
         "decoder_only": settings.decoder_only,
         "passage_cache_mb": settings.passage_cache_mb,
-        "passage_store": None if store is None else str(store.root),
+        "passage_store": reranker.options.passage_store,
         "plugin_version": __version__,
     }
 
@@ -306,7 +306,7 @@ def evaluate(
         (0.41..., 30)
     """
     if reranker is not None and passage_store is not None:
-        _check_same_store(reranker, Path(passage_store))
+        _check_same_store(reranker, os.fspath(passage_store))
     plan = prepare(
         data_dir, output_dir, run=run, depth=depth, split=split,
         passage_store=passage_store, long_document=long_document,
@@ -351,15 +351,20 @@ def rerank_and_report(
     return _report(plan, reranked, plot)
 
 
-def _check_same_store(reranker: KaLMVLLMReranker, path: Path) -> None:
-    store = reranker.store
-    if store is None or os.path.realpath(store.root) != os.path.realpath(path):
-        held = "no passage store" if store is None else f"the store {store.root}"
+def _check_same_store(reranker: KaLMVLLMReranker, path: str) -> None:
+    held = reranker.options.passage_store
+    if held is None or _location(held) != _location(path):
+        held = "no passage store" if held is None else f"the store {held}"
         raise KaLMInputError(
             f"passage_store {path}: the reranker given was started with {held}; "
             f"start it with KaLMVLLMReranker(..., passage_store={str(path)!r}).",
             field="passage_store",
         )
+
+
+def _location(uri: str) -> str:
+    """A store's location, local paths resolved (URIs as given)."""
+    return uri if "://" in uri else os.path.realpath(uri)
 
 
 def _check_engine_chunk_size(plan: EvalPlan, reranker: KaLMVLLMReranker) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kalm_t5gemma2_vllm_plugin.checkpoints.hub import resolve_model
@@ -16,6 +16,7 @@ from kalm_t5gemma2_vllm_plugin.constants import (
     DEFAULT_INSTRUCTION,
     DEFAULT_PASSAGE_CACHE_MB,
     DEFAULT_QUERY_MAX_LENGTH,
+    DEFAULT_STORE_REFRESH_S,
     DEFAULT_SYSTEM_INSTRUCTION,
     MODEL_ID,
 )
@@ -27,7 +28,7 @@ from kalm_t5gemma2_vllm_plugin.engine.vllm_compat import (
 )
 from kalm_t5gemma2_vllm_plugin.rerankers.base import MarginReranker, Pairs
 from kalm_t5gemma2_vllm_plugin.scores import RankResult
-from kalm_t5gemma2_vllm_plugin.store.format import PassageStore
+from kalm_t5gemma2_vllm_plugin.store.uri import PassageReader
 from kalm_t5gemma2_vllm_plugin.validation import (
     check_documents,
     check_request_chunk_size,
@@ -64,7 +65,12 @@ class KaLMVLLMReranker(MarginReranker):
         instruction: default task instruction.
         system_instruction: the fixed system sentence of the prompt.
         passage_store: a store written by ``kalm-vllm-encode`` with the same
-            model and settings; documents may then be given by id.
+            model and settings (a directory, or a Lance store: a ``.lance``
+            path or an ``s3://`` URI); documents may then be given by id.
+        store_options: Lance storage options (``aws_endpoint``, keys, ...),
+            over those from the ``AWS_*`` environment variables.
+        store_refresh_s: a Lance store's newest version is picked up at most
+            this many seconds after it is committed (checked before a call).
         decoder_only: load no encoder at all (needs ``passage_store``): every
             document must come from the store, and no encoding happens online.
         passage_cache_mb: size of the plugin's passage cache in the engine
@@ -96,6 +102,8 @@ class KaLMVLLMReranker(MarginReranker):
         passage_store: str | os.PathLike[str] | None = None,
         decoder_only: bool = False,
         passage_cache_mb: float = DEFAULT_PASSAGE_CACHE_MB,
+        store_options: Mapping[str, str] | None = None,
+        store_refresh_s: float = DEFAULT_STORE_REFRESH_S,
         **engine_args: Any,
     ) -> None:
         self._session: EngineSession | None = None
@@ -118,6 +126,8 @@ class KaLMVLLMReranker(MarginReranker):
             instruction=instruction,
             system_instruction=system_instruction,
             passage_store=None if passage_store is None else os.fspath(passage_store),
+            store_options=dict(store_options or {}),
+            store_refresh_s=store_refresh_s,
             engine_args=engine_args,
         )
         options = dataclasses.replace(options, model_path=resolve_model(model))
@@ -153,7 +163,7 @@ class KaLMVLLMReranker(MarginReranker):
         return self._open().engine
 
     @property
-    def store(self) -> PassageStore | None:
+    def store(self) -> PassageReader | None:
         """The passage store documents given by id come from, if any."""
         return None if self._session is None else self._session.store
 

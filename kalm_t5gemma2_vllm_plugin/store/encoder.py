@@ -12,8 +12,9 @@ id, and ranking it by id scores every window.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from kalm_t5gemma2_vllm_plugin.windows import (
     split_document,
 )
 
-__all__ = ["PassageEncoder", "encode_corpus"]
+__all__ = ["PassageEncoder", "encode_corpus", "is_current"]
 
 
 class PassageEncoder:
@@ -159,6 +160,20 @@ class PassageEncoder:
         ]
 
 
+def is_current(
+    stored: tuple[str, int, bool] | None, text_hash: str, long_document: str
+) -> bool:
+    """Whether a stored document (``text_hashes()``'s entry) can be kept: the
+    same text, stored the way ``long_document`` asks (whole, or as windows; a
+    stored head that was cut is re-encoded as windows)."""
+    if stored is None:
+        return False
+    stored_hash, windows, truncated = stored
+    if long_document == "truncate":
+        return stored_hash == text_hash and windows == 1
+    return stored_hash == text_hash and not (windows == 1 and truncated)
+
+
 def _read_input(
     path: Path, invalid: list[KaLMInputError] | None = None
 ) -> Iterator[tuple[int, str, str]]:
@@ -194,7 +209,7 @@ def _row(row: Any, where: str) -> tuple[str, str]:
 def encode_corpus(
     encoder: PassageEncoder,
     input_path: Path,
-    store: Path,
+    store: str | os.PathLike[str],
     *,
     identity: StoreIdentity,
     batch_size: int,
@@ -203,9 +218,11 @@ def encode_corpus(
     long_document: str = "truncate",
     window_overlap: int = DEFAULT_WINDOW_OVERLAP,
     max_windows: int = DEFAULT_MAX_WINDOWS,
+    storage_options: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Encode what the store lacks; returns counts (encoded, skipped, total,
-    windows written).
+    windows written). ``store`` is a directory or a Lance URI (``uri.py``;
+    ``storage_options`` as ``open_writer``'s).
 
     The whole input is read before anything is encoded, so a malformed row
     stops the run before the store is touched, unless ``invalid`` is given:
@@ -217,7 +234,7 @@ def encode_corpus(
     """
     from tqdm import tqdm
 
-    from kalm_t5gemma2_vllm_plugin.store.format import PassageStoreWriter
+    from kalm_t5gemma2_vllm_plugin.store.uri import open_writer
 
     # Pass 1: ids and text hashes only (the texts themselves stay on disk).
     first_line: dict[str, int] = {}
@@ -232,18 +249,12 @@ def encode_corpus(
         first_line[doc_id] = line_number
         hashes[doc_id] = text_sha256(text)
 
-    with PassageStoreWriter(store, identity) as writer:
+    with open_writer(store, identity, storage_options=storage_options) as writer:
         stored = writer.text_hashes()
 
-        def current(doc_id: str) -> bool:
-            if doc_id not in stored:
-                return False
-            text_hash, windows, truncated = stored[doc_id]
-            if long_document == "truncate":
-                return text_hash == hashes[doc_id] and windows == 1
-            return text_hash == hashes[doc_id] and not (windows == 1 and truncated)
-
-        todo = {i for i in hashes if not current(i)}
+        todo = {
+            i for i in hashes if not is_current(stored.get(i), hashes[i], long_document)
+        }
         bar = tqdm(
             total=len(todo), unit=" passages", disable=not progress, file=sys.stderr
         )

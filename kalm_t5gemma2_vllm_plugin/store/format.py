@@ -300,7 +300,7 @@ def _count_problem(db: sqlite3.Connection) -> str | None:
 def _check(
     stored: StoreIdentity,
     expected: StoreIdentity | None,
-    root: Path,
+    root: str | os.PathLike[str],
     *,
     coarser_reader: bool = False,
 ) -> None:
@@ -363,6 +363,11 @@ class PassageStore:
         """Every stored document id, in id order."""
         query = "SELECT id FROM passages WHERE window = 0 ORDER BY id"
         return [i for (i,) in self._db.execute(query)]
+
+    def refresh(self) -> bool:
+        """Nothing to do: SQLite shows every committed write to the next read
+        (``LanceStore.refresh`` checks out a newer version)."""
+        return False
 
     def window_records(self, ids: Sequence[str]) -> dict[str, list[PassageRecord]]:
         """Each document's records, window by window (one for a document

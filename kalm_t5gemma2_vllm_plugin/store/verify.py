@@ -5,6 +5,10 @@ What this adds to the checks every reader makes (``store.format``): SQLite's
 full ``integrity_check``, each shard file's size and sha256, and every
 passage's states read and checked against its CRC-32, with every problem
 reported (a reader stops at the first). Files are named relative to the store.
+A Lance store (``lance.py``) has no index or shard files to check: every row's
+states against its CRC-32, each document's newest rows complete (windows 0 to
+n-1), and as notes the superseded rows and fragments not in the ``id`` index
+that ``kalm-vllm-store compact`` deals with. Problems name Lance fragments.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import os
 import sqlite3
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +56,9 @@ class VerifyReport:
 
     store: str
     passages: int = 0
+    #: Shard files (directory store) or fragments (Lance store) checked.
     shards: int = 0
+    format: str = "directory"
     problems: list[StoreProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -67,6 +74,7 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "store": self.store,
+            "format": self.format,
             "ok": self.ok,
             "passages": self.passages,
             "shards": self.shards,
@@ -76,8 +84,13 @@ class VerifyReport:
         }
 
 
-def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
-    """Check the index, every shard and every passage of the store at ``path``.
+def verify_store(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, str] | None = None,
+) -> VerifyReport:
+    """Check the index, every shard and every passage of the store at ``path``
+    (a Lance store: every row; ``storage_options`` as ``open_store``'s).
 
     Raises ``KaLMConfigError`` when there is no store there or its format is
     not this version's (nothing to verify against); corruption is reported,
@@ -88,6 +101,10 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         >>> report.ok, report.passages, report.corrupt_passages
         (False, 300, ['doc-17'])
     """
+    from kalm_t5gemma2_vllm_plugin.store.uri import _options, is_lance_uri
+
+    if is_lance_uri(path):
+        return _verify_lance(os.fspath(path), _options(storage_options))
     root = Path(path)
     if not (root / _INDEX).is_file():
         raise KaLMConfigError(f"No passage store at {root} (no {_INDEX}).")
@@ -273,3 +290,55 @@ class _Shards:
                 self._open.popitem(last=False)
         self._open.move_to_end(shard)
         return self._open[shard]
+
+
+def _verify_lance(uri: str, options: Mapping[str, str]) -> VerifyReport:
+    from kalm_t5gemma2_vllm_plugin.store import lance
+
+    dataset = lance.open_dataset(uri, options)
+    if dataset is None:
+        raise KaLMConfigError(f"No passage store at {uri} (no Lance dataset).")
+    report = VerifyReport(uri, format="lance")
+    try:
+        identity, hidden = lance.read_metadata(dataset.schema, uri)
+    except CorruptStoreError as error:
+        report.problems.append(StoreProblem("schema metadata", str(error)))
+        return report
+    report.shards = len(dataset.get_fragments())
+    versions: list[dict[str, Any]] = []
+    columns = [*lance._RECORD, *lance._VERSION]
+    for row in lance.scan_rows(dataset, columns, None, states=True):
+        report.passages += 1
+        record = lance.to_record(row)
+        _, problem = lance.decode_states(
+            record, row["states"], row["states_crc32"], identity, hidden
+        )
+        where = f"fragment {row['fragment']}"
+        if problem is not None:
+            message = f"its states (window {record.window}) {problem}"
+            report.problems.append(StoreProblem(where, message, record.id))
+        versions.append({k: row[k] for k in ("id", "window", "windows", *columns[-2:])})
+        versions[-1]["fragment"] = where
+    newest = lance.newest(versions)
+    for passage_id, group in newest.items():
+        windows = [r["window"] for r in group]
+        if windows != list(range(group[0]["windows"])) or any(
+            r["windows"] != group[0]["windows"] for r in group
+        ):
+            problem = f"its newest rows hold windows {windows} of {group[0]['windows']}"
+            report.problems.append(
+                StoreProblem(group[0]["fragment"], problem, passage_id)
+            )
+    superseded = len(versions) - sum(len(g) for g in newest.values())
+    if superseded:
+        report.notes.append(
+            f"{superseded} superseded row(s) (older encodings) that kalm-vllm-store "
+            f"compact removes"
+        )
+    unindexed = lance.unindexed_fragments(dataset)
+    if unindexed:
+        report.notes.append(
+            f"{unindexed} fragment(s) not in the id index (scanned by every lookup "
+            f"until kalm-vllm-store compact)"
+        )
+    return report
