@@ -47,8 +47,9 @@ LONG_DOCUMENT_POLICIES = ("truncate", "max", "mean")
 DEFAULT_WINDOW_OVERLAP = 80
 #: Windows one document may have; more is refused (HTTP 413).
 DEFAULT_MAX_WINDOWS = 32
-#: First guess of characters per token when tokenizing only a head.
-_CHARS_PER_TOKEN = 8
+#: First guess of characters per token when tokenizing only a head of a
+#: document (here and in ``requests.PromptBuilder.encode_passage``).
+CHARS_PER_TOKEN = 8
 
 
 def check_long_document(value: Any, field: str = "long_document") -> str:
@@ -176,7 +177,7 @@ def _head(tokenizer: Any, document: str, most: int, cut: SafeCut | None) -> str 
     """``document`` if it has at most ``most`` tokens, else ``None``, deciding
     from ever longer heads cut where no token spans (so a 30 MB text is not
     tokenized to learn that it is too long)."""
-    want = (most + 1) * _CHARS_PER_TOKEN
+    want = (most + 1) * CHARS_PER_TOKEN
     while cut is not None and want < len(document):
         at = cut.find(document, want)
         if at is None:

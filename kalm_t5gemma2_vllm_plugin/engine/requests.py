@@ -39,7 +39,11 @@ from kalm_t5gemma2_vllm_plugin.vllm_model.config import (
     TOKENS_FIELD,
     EngineSettings,
 )
-from kalm_t5gemma2_vllm_plugin.windows import WindowPlan, text_windows
+from kalm_t5gemma2_vllm_plugin.windows import (
+    CHARS_PER_TOKEN,
+    WindowPlan,
+    text_windows,
+)
 
 __all__ = ["DocumentId", "EnginePrompt", "PromptBuilder", "StoredWindow"]
 
@@ -63,8 +67,6 @@ class StoredWindow:
     window: int
 
 
-#: First guess of characters per kept token when cutting a long document.
-_CHARS_PER_TOKEN = 8
 #: How far past the wanted length a safe cut is looked for; text without one
 #: in that window (no natural text) is tokenized in full.
 _CUT_WINDOW = 1 << 16
@@ -330,7 +332,7 @@ class PromptBuilder:
         document only up to a safe cut (``DocumentCut``) that yields ``limit``
         tokens: the same ids, without tokenizing megabytes to keep a thousand."""
         head = len(DOCUMENT_PREFIX)
-        want = head + limit * _CHARS_PER_TOKEN
+        want = head + limit * CHARS_PER_TOKEN
         while self._cut is not None and want < head + len(document):
             cut = self._cut.find(document, want - head)
             if cut is None:
