@@ -83,7 +83,7 @@ def test_a_cut_document_keeps_exactly_the_untruncated_ids(
 ) -> None:
     # Cut as early as possible (one character per kept token), so that most
     # documents are cut near their kept head, where a wrong cut would show.
-    monkeypatch.setattr(R, "_CHARS_PER_TOKEN", 1)
+    monkeypatch.setattr(R, "CHARS_PER_TOKEN", 1)
     assert builder._cut is not None
     rng = random.Random(0)
     cuts = 0
